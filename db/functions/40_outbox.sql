@@ -1,0 +1,178 @@
+-- 40_outbox: events into the outbox, fanned out into one delivery per
+-- subscribed endpoint, and the relay's wake-up (SPEC §2.4).
+
+CREATE OR REPLACE FUNCTION barnum.create_whatsapp_event(
+    p_event_type text, p_entity_type text, p_entity_id uuid,
+    p_workflow_id uuid DEFAULT NULL, p_scheduled_for timestamptz DEFAULT now())
+RETURNS uuid
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = barnum, pg_temp
+AS $$
+DECLARE
+    ev uuid;
+BEGIN
+    IF p_event_type IS NULL OR p_event_type !~ '^[a-z_]+\.[a-z_]+$' THEN
+        PERFORM barnum.fail('BN400', format('event type must look like "appointment.confirmed", got %L', p_event_type));
+    END IF;
+    IF p_entity_id IS NULL THEN
+        PERFORM barnum.fail('BN400', 'entity id is required');
+    END IF;
+    IF p_entity_type = 'appointment' THEN
+        IF NOT EXISTS (SELECT 1 FROM barnum.appointments WHERE id = p_entity_id) THEN
+            PERFORM barnum.fail('BN404', format('appointment %s not found', p_entity_id));
+        END IF;
+    ELSIF p_entity_type = 'patient' THEN
+        IF NOT EXISTS (SELECT 1 FROM barnum.patients WHERE id = p_entity_id) THEN
+            PERFORM barnum.fail('BN404', format('patient %s not found', p_entity_id));
+        END IF;
+    ELSE
+        PERFORM barnum.fail('BN400', format('entity type must be appointment or patient, got %L', p_entity_type));
+    END IF;
+    IF p_workflow_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM barnum.whatsapp_workflows WHERE id = p_workflow_id) THEN
+        PERFORM barnum.fail('BN404', format('workflow %s not found', p_workflow_id));
+    END IF;
+    INSERT INTO barnum.whatsapp_events (event_type, entity_type, entity_id, workflow_id, scheduled_for, max_retries)
+    VALUES (p_event_type, p_entity_type, p_entity_id, p_workflow_id,
+            coalesce(p_scheduled_for, barnum.clock()), barnum.setting_int('max_attempts') - 1)
+    RETURNING id INTO ev;
+    RETURN ev;
+END
+$$;
+
+-- Wake the relays.  One NOTIFY per statement at most (Postgres also folds
+-- identical notifications within a transaction into one).  The payload is
+-- empty: the relay claims from the table, the notification only says "look".
+CREATE OR REPLACE FUNCTION barnum.wake_relays() RETURNS void
+LANGUAGE sql
+SET search_path = barnum, pg_temp
+AS $$ SELECT pg_notify('barnum_events', '') $$;
+
+-- Fan-out, set-based per INSERT statement: one delivery per active endpoint
+-- whose patterns match; an event nobody wants is 'skipped' at once.  Only
+-- work that is due now wakes the relay — delayed work is found by the
+-- relay's timer at next_due_at().
+CREATE OR REPLACE FUNCTION barnum.events_fanout_trg() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = barnum, pg_temp
+AS $$
+DECLARE
+    due_now boolean;
+BEGIN
+    INSERT INTO barnum.webhook_deliveries (event_id, endpoint_id, next_attempt_at)
+    SELECT e.id, ep.id, e.scheduled_for
+      FROM new_events e
+      JOIN barnum.webhook_endpoints ep
+        ON ep.is_active AND barnum.glob_match(ep.event_types, e.event_type)
+     WHERE e.status = 'pending';
+
+    UPDATE barnum.whatsapp_events ev
+       SET status = 'skipped', last_error = 'no active endpoint', processed_at = now()
+      FROM new_events e
+     WHERE ev.id = e.id AND e.status = 'pending'
+       AND NOT EXISTS (SELECT 1 FROM barnum.webhook_deliveries d WHERE d.event_id = e.id);
+
+    SELECT EXISTS (
+        SELECT 1 FROM new_events e
+         WHERE e.status = 'pending' AND e.scheduled_for <= now()
+           AND EXISTS (SELECT 1 FROM barnum.webhook_deliveries d WHERE d.event_id = e.id))
+      INTO due_now;
+    IF due_now THEN
+        PERFORM barnum.wake_relays();
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE OR REPLACE TRIGGER trg_events_fanout
+    AFTER INSERT ON barnum.whatsapp_events
+    REFERENCING NEW TABLE AS new_events
+    FOR EACH STATEMENT EXECUTE FUNCTION barnum.events_fanout_trg();
+
+-- Event status summarises its deliveries; the workflow follows the event
+-- ('sent' once delivered, 'failed' when every delivery died).  Called by
+-- every function that changes delivery states, for the events it touched.
+CREATE OR REPLACE FUNCTION barnum.refresh_events(p_event_ids uuid[]) RETURNS void
+LANGUAGE plpgsql
+SET search_path = barnum, pg_temp
+AS $$
+BEGIN
+    WITH s AS (
+        SELECT d.event_id,
+               CASE
+                 WHEN bool_or(d.status = 'processing') THEN 'processing'
+                 WHEN bool_or(d.status = 'pending') THEN 'pending'
+                 WHEN bool_or(d.status = 'dead_letter') THEN 'dead_letter'
+                 WHEN bool_or(d.status = 'sent') THEN 'sent'
+                 ELSE 'skipped'
+               END AS status,
+               greatest(max(d.attempts) - 1, 0) AS retry_count,
+               (array_agg(d.last_error ORDER BY d.last_error IS NULL, d.id))[1] AS last_error
+          FROM barnum.webhook_deliveries d
+         WHERE d.event_id = ANY (p_event_ids)
+         GROUP BY d.event_id
+    ), upd AS (
+        UPDATE barnum.whatsapp_events e
+           SET status = s.status,
+               retry_count = s.retry_count,
+               last_error = s.last_error,
+               processed_at = CASE WHEN s.status IN ('sent', 'dead_letter', 'skipped') THEN now() END,
+               updated_at = now()
+          FROM s
+         WHERE e.id = s.event_id
+           AND (e.status, e.retry_count, e.last_error) IS DISTINCT FROM (s.status, s.retry_count, s.last_error)
+        RETURNING e.workflow_id, e.status
+    )
+    UPDATE barnum.whatsapp_workflows w
+       SET status = CASE upd.status WHEN 'sent' THEN 'sent' ELSE 'failed' END
+      FROM upd
+     WHERE w.id = upd.workflow_id
+       AND w.status = 'pending'
+       AND upd.status IN ('sent', 'dead_letter');
+END
+$$;
+
+-- ------------------------------------------------------------ endpoints
+CREATE OR REPLACE FUNCTION barnum.check_endpoint_url(p_url text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = barnum, pg_temp
+AS $$
+BEGIN
+    IF p_url IS NULL OR p_url !~ '^https?://[^[:space:]/?#]+' OR p_url ~ '[[:space:]]' THEN
+        PERFORM barnum.fail('BN422', format('endpoint URL must be an http(s) URL, got %L', p_url));
+    END IF;
+    RETURN p_url;
+END
+$$;
+
+-- Make sure an endpoint with this name exists and points at this URL.
+-- Never re-enables one an operator disabled.  Returns the endpoint row.
+CREATE OR REPLACE FUNCTION barnum.ensure_endpoint(p_name text, p_url text) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = barnum, pg_temp
+AS $$
+DECLARE
+    ep barnum.webhook_endpoints;
+BEGIN
+    IF p_name IS NULL OR p_name !~ '^[A-Za-z0-9_.-]{1,64}$' THEN
+        PERFORM barnum.fail('BN400', format('endpoint name must be 1–64 of A-Z a-z 0-9 _ . -, got %L', p_name));
+    END IF;
+    PERFORM barnum.check_endpoint_url(p_url);
+    INSERT INTO barnum.webhook_endpoints (name, url) VALUES (p_name, p_url)
+    ON CONFLICT (name) DO UPDATE SET url = EXCLUDED.url
+        WHERE webhook_endpoints.url IS DISTINCT FROM EXCLUDED.url;
+    SELECT * INTO ep FROM barnum.webhook_endpoints WHERE name = p_name;
+    RETURN barnum.endpoint_json(ep);
+END
+$$;
+
+-- An endpoint as operators see it: the secret never leaves the database
+-- through this path, only whether one is set.
+CREATE OR REPLACE FUNCTION barnum.endpoint_json(ep barnum.webhook_endpoints) RETURNS jsonb
+LANGUAGE sql STABLE
+SET search_path = barnum, pg_temp
+AS $$
+    SELECT jsonb_build_object(
+        'id', ep.id, 'name', ep.name, 'url', ep.url, 'has_secret', ep.secret IS NOT NULL,
+        'event_types', to_jsonb(ep.event_types), 'is_active', ep.is_active,
+        'max_attempts', ep.max_attempts, 'timeout_ms', ep.timeout_ms,
+        'created_at', ep.created_at, 'updated_at', ep.updated_at)
+$$;

@@ -1,0 +1,136 @@
+-- 50_render: the payload an endpoint receives, rendered at claim time so it
+-- carries the appointment as it is now and freshly minted action links.  A
+-- delivery whose event no longer makes sense is skipped with the reason.
+
+-- An appointment as payloads and pages show it, times in the clinic's zone.
+CREATE OR REPLACE FUNCTION barnum.appointment_json(a barnum.appointments, p_tz text) RETURNS jsonb
+LANGUAGE sql STABLE
+SET search_path = barnum, pg_temp
+AS $$
+    SELECT jsonb_build_object(
+        'id', a.id,
+        'date', barnum.local_date(a.starts_at, p_tz),
+        'time', barnum.local_time(a.starts_at, p_tz),
+        'starts_at', a.starts_at,
+        'status', a.status,
+        'patient', (SELECT jsonb_build_object('id', p.id, 'name', p.name, 'phone', p.phone)
+                      FROM barnum.patients p WHERE p.id = a.patient_id),
+        'professional', jsonb_build_object('name',
+            (SELECT name FROM barnum.professionals WHERE id = a.professional_id)),
+        'specialty', jsonb_build_object('name',
+            (SELECT name FROM barnum.specialties WHERE id = a.specialty_id)))
+$$;
+
+-- Which links each event type offers the patient.
+CREATE OR REPLACE FUNCTION barnum.event_link_types(p_event_type text) RETURNS text[]
+LANGUAGE sql IMMUTABLE
+SET search_path = barnum, pg_temp
+AS $$
+    SELECT CASE p_event_type
+        WHEN 'appointment.pre_confirmed' THEN ARRAY['confirm', 'cancel', 'reschedule']
+        WHEN 'appointment.reminder'      THEN ARRAY['confirm', 'cancel', 'reschedule']
+        WHEN 'appointment.rescheduled'   THEN ARRAY['confirm', 'cancel', 'reschedule']
+        WHEN 'appointment.confirmed'     THEN ARRAY['cancel', 'reschedule']
+        WHEN 'appointment.no_show'       THEN ARRAY['reschedule']
+        ELSE ARRAY[]::text[]
+    END
+$$;
+
+-- Why an appointment event should not go out any more (NULL: send it).
+CREATE OR REPLACE FUNCTION barnum.appointment_event_stale(
+    p_event_type text, a barnum.appointments, w barnum.whatsapp_workflows, p_now timestamptz)
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = barnum, pg_temp
+AS $$
+    SELECT CASE
+        WHEN p_event_type IN ('appointment.pre_confirmed', 'appointment.reminder')
+             AND a.status NOT IN ('scheduled', 'pre_confirmed', 'confirmed')
+            THEN format('appointment is %s', a.status)
+        WHEN p_event_type IN ('appointment.pre_confirmed', 'appointment.reminder') AND a.starts_at <= p_now
+            THEN 'appointment already started'
+        WHEN p_event_type = 'appointment.reminder' AND w.id IS NOT NULL
+             AND (w.metadata ->> 'starts_at')::timestamptz IS DISTINCT FROM a.starts_at
+            THEN 'appointment was rescheduled'
+        WHEN p_event_type = 'appointment.no_show' AND a.status <> 'no_show'
+            THEN format('appointment is %s, no longer a no-show', a.status)
+        WHEN p_event_type = 'appointment.completed' AND a.status <> 'completed'
+            THEN format('appointment is %s, not completed', a.status)
+        WHEN w.id IS NOT NULL AND w.status NOT IN ('pending', 'sent')
+            THEN format('workflow %s', w.status)
+    END
+$$;
+
+-- Render one event.  p_tz/p_base/p_ttl are passed in so a batch reads the
+-- settings once.  Returns (payload, NULL) or (NULL, skip reason).
+CREATE OR REPLACE FUNCTION barnum.render_event(
+    e barnum.whatsapp_events, p_tz text, p_base text, p_ttl interval, p_now timestamptz,
+    OUT payload jsonb, OUT skip_reason text)
+LANGUAGE plpgsql
+SET search_path = barnum, pg_temp
+AS $$
+DECLARE
+    a barnum.appointments;
+    p barnum.patients;
+    w barnum.whatsapp_workflows;
+    links jsonb := '{}';
+    lt text;
+BEGIN
+    IF e.workflow_id IS NOT NULL THEN
+        SELECT * INTO w FROM barnum.whatsapp_workflows WHERE id = e.workflow_id;
+    END IF;
+    payload := jsonb_build_object(
+        'event_id', e.id, 'event_type', e.event_type, 'entity_id', e.entity_id,
+        'created_at', to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'),
+        'workflow_id', e.workflow_id);
+    IF e.data <> '{}' THEN
+        payload := payload || jsonb_build_object('data', e.data);
+    END IF;
+
+    IF e.entity_type = 'patient' THEN
+        SELECT * INTO p FROM barnum.patients WHERE id = e.entity_id;
+        skip_reason := barnum.patient_block_reason(e.entity_id);
+        IF skip_reason IS NULL AND e.event_type = 'patient.reactivation' AND EXISTS (
+            SELECT 1 FROM barnum.appointments x
+             WHERE x.patient_id = p.id AND x.starts_at > p_now
+               AND x.status IN ('scheduled', 'pre_confirmed', 'confirmed')) THEN
+            skip_reason := 'patient has a future appointment';
+        END IF;
+        IF skip_reason IS NULL AND w.id IS NOT NULL AND w.status NOT IN ('pending', 'sent') THEN
+            skip_reason := format('workflow %s', w.status);
+        END IF;
+        IF skip_reason IS NOT NULL THEN
+            payload := NULL;
+            RETURN;
+        END IF;
+        payload := payload || jsonb_build_object(
+            'patient', jsonb_build_object(
+                'id', p.id, 'name', p.name, 'phone', p.phone,
+                'last_visit_date', barnum.local_date(p.last_visit_at, p_tz)),
+            'action_links', '{}'::jsonb);
+        RETURN;
+    END IF;
+
+    SELECT * INTO a FROM barnum.appointments WHERE id = e.entity_id;
+    IF NOT FOUND THEN
+        skip_reason := 'appointment not found';
+        payload := NULL;
+        RETURN;
+    END IF;
+    skip_reason := coalesce(barnum.patient_block_reason(a.patient_id),
+                            barnum.appointment_event_stale(e.event_type, a, w, p_now));
+    IF skip_reason IS NOT NULL THEN
+        payload := NULL;
+        RETURN;
+    END IF;
+    FOREACH lt IN ARRAY barnum.event_link_types(e.event_type) LOOP
+        links := links || jsonb_build_object(lt,
+            p_base || '/api/action?type=' || lt || '&token='
+            || barnum.mint_token(lt, a.id, a.patient_id, e.workflow_id, NULL, p_now + p_ttl));
+    END LOOP;
+
+    payload := payload || jsonb_build_object(
+        'appointment', barnum.appointment_json(a, p_tz),
+        'action_links', links);
+END
+$$;

@@ -1,0 +1,312 @@
+-- 60_relay: what the relay calls — claim, record, release, next due time,
+-- dead-letter retry and queue statistics (SPEC §2.6, relay-facing).
+
+-- Base of action links: BARNUM_PUBLIC_URL reaches SQL as the session setting
+-- barnum.public_base_url (the relay sets it on its connections); otherwise
+-- the public_base_url setting.
+CREATE OR REPLACE FUNCTION barnum.public_base_url() RETURNS text
+LANGUAGE sql STABLE
+SET search_path = barnum, pg_temp
+AS $$
+    SELECT rtrim(coalesce(nullif(current_setting('barnum.public_base_url', true), ''),
+                          barnum.setting_text('public_base_url')), '/')
+$$;
+
+-- Claim due deliveries with a lease.  The returned attempt is the fencing
+-- token for record_attempts.  Payload as text, so the relay signs and sends
+-- these exact bytes without parsing them.
+CREATE OR REPLACE FUNCTION barnum.claim_deliveries_text(
+    p_worker text, p_limit int DEFAULT 50, p_lease interval DEFAULT '60 seconds')
+RETURNS TABLE (delivery_id bigint, event_id uuid, event_type text, endpoint_id uuid, url text,
+               secret text, attempt int, timeout_ms int, payload text, idempotency_key text)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = barnum, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_now timestamptz := barnum.clock();
+    v_tz text;
+    v_base text;
+    v_ttl interval;
+    v_max int;
+    ids bigint[];
+    expired bigint[];
+    skipped bigint[] := '{}';
+    skip_reasons text[] := '{}';
+    touched uuid[] := '{}';
+    r record;
+    rendered record;
+BEGIN
+    IF p_worker IS NULL OR btrim(p_worker) = '' THEN
+        PERFORM barnum.fail('BN400', 'worker name is required');
+    END IF;
+    IF p_limit IS NULL OR p_limit NOT BETWEEN 1 AND 10000 THEN
+        PERFORM barnum.fail('BN422', format('limit must be between 1 and 10000, got %s', p_limit));
+    END IF;
+    IF p_lease IS NULL OR p_lease < interval '1 second' OR p_lease > interval '1 hour' THEN
+        PERFORM barnum.fail('BN422', format('lease must be between 1 second and 1 hour, got %s', p_lease));
+    END IF;
+
+    -- Leases that expired first (their worker died), then due pending rows.
+    -- Two partial indexes, two small index scans; SKIP LOCKED lets several
+    -- relays claim side by side without waiting on each other.
+    SELECT array_agg(id) INTO expired FROM (
+        SELECT d.id FROM barnum.webhook_deliveries d
+         WHERE d.status = 'processing' AND d.locked_until < v_now
+         ORDER BY d.locked_until LIMIT p_limit
+         FOR UPDATE SKIP LOCKED) x;
+    expired := coalesce(expired, '{}');
+    SELECT array_agg(id) INTO ids FROM (
+        SELECT d.id FROM barnum.webhook_deliveries d
+         WHERE d.status = 'pending' AND d.next_attempt_at <= v_now
+         ORDER BY d.next_attempt_at LIMIT p_limit - cardinality(expired)
+         FOR UPDATE SKIP LOCKED) x;
+    ids := expired || coalesce(ids, '{}');
+    IF cardinality(ids) = 0 THEN
+        RETURN;
+    END IF;
+
+    -- The lost attempt of a dead worker is written to the audit trail.
+    IF cardinality(expired) > 0 THEN
+        INSERT INTO barnum.webhook_attempts (delivery_id, attempt, started_at, error)
+        SELECT d.id, d.attempts, v_now, format('lease expired (worker %s)', d.locked_by)
+          FROM barnum.webhook_deliveries d WHERE d.id = ANY (expired);
+    END IF;
+
+    v_tz := barnum.setting_text('timezone');
+    v_base := barnum.public_base_url();
+    v_ttl := barnum.setting_interval('token_ttl');
+    v_max := barnum.setting_int('max_attempts');
+
+    FOR r IN
+        UPDATE barnum.webhook_deliveries d
+           SET status = 'processing', attempts = d.attempts + 1,
+               locked_by = p_worker, locked_until = v_now + p_lease
+          FROM barnum.whatsapp_events e, barnum.webhook_endpoints ep
+         WHERE d.id = ANY (ids) AND e.id = d.event_id AND ep.id = d.endpoint_id
+        RETURNING d.id AS d_id, d.attempts AS d_attempt, e AS ev, ep.id AS ep_id,
+                  ep.url AS ep_url, ep.secret AS ep_secret, ep.timeout_ms AS ep_timeout,
+                  coalesce(ep.max_attempts, v_max) AS ep_max
+    LOOP
+        touched := touched || (r.ev).id;
+        IF r.d_attempt > r.ep_max THEN
+            -- Only a reclaimed lease gets here: its last attempt was lost.
+            skipped := skipped || r.d_id;
+            skip_reasons := skip_reasons || 'dead:lease expired on the final attempt'::text;
+            CONTINUE;
+        END IF;
+        SELECT * INTO rendered FROM barnum.render_event(r.ev, v_tz, v_base, v_ttl, v_now);
+        IF rendered.skip_reason IS NOT NULL THEN
+            skipped := skipped || r.d_id;
+            skip_reasons := skip_reasons || rendered.skip_reason;
+            CONTINUE;
+        END IF;
+        delivery_id := r.d_id;
+        event_id := (r.ev).id;
+        event_type := (r.ev).event_type;
+        endpoint_id := r.ep_id;
+        url := replace(r.ep_url, '{event_type}', (r.ev).event_type);
+        secret := r.ep_secret;
+        attempt := r.d_attempt;
+        timeout_ms := r.ep_timeout;
+        payload := rendered.payload::text;
+        idempotency_key := (r.ev).id || '-' || extract(epoch FROM (r.ev).created_at)::bigint;
+        RETURN NEXT;
+    END LOOP;
+
+    IF cardinality(skipped) > 0 THEN
+        UPDATE barnum.webhook_deliveries d
+           SET status = CASE WHEN s.reason LIKE 'dead:%' THEN 'dead_letter' ELSE 'skipped' END,
+               last_error = regexp_replace(s.reason, '^dead:', ''),
+               locked_by = NULL, locked_until = NULL
+          FROM unnest(skipped, skip_reasons) AS s(id, reason)
+         WHERE d.id = s.id;
+    END IF;
+    PERFORM barnum.refresh_events(touched);
+END
+$$;
+
+-- The contract's claim_deliveries: same rows, payload as jsonb.
+CREATE OR REPLACE FUNCTION barnum.claim_deliveries(
+    p_worker text, p_limit int DEFAULT 50, p_lease interval DEFAULT '60 seconds')
+RETURNS TABLE (delivery_id bigint, event_id uuid, event_type text, endpoint_id uuid, url text,
+               secret text, attempt int, timeout_ms int, payload jsonb)
+LANGUAGE sql SECURITY DEFINER
+SET search_path = barnum, pg_temp
+AS $$
+    SELECT c.delivery_id, c.event_id, c.event_type, c.endpoint_id, c.url, c.secret,
+           c.attempt, c.timeout_ms, c.payload::jsonb
+      FROM barnum.claim_deliveries_text(p_worker, p_limit, p_lease) c
+$$;
+
+-- Backoff before retry n (n = attempts made so far): base·2^(n-1), capped,
+-- ±20 % jitter so a receiver's recovery is not met by a synchronized herd.
+CREATE OR REPLACE FUNCTION barnum.backoff_interval(p_attempt int, p_base int, p_cap int)
+RETURNS interval
+LANGUAGE sql VOLATILE
+SET search_path = barnum, pg_temp
+AS $$
+    SELECT make_interval(secs =>
+        least(p_base * power(2, greatest(p_attempt, 1) - 1), p_cap) * (0.8 + random() * 0.4))
+$$;
+
+-- Report a batch of HTTP outcomes.  A result whose (delivery_id, attempt) no
+-- longer holds the claim is ignored (fencing).  Returns results applied.
+CREATE OR REPLACE FUNCTION barnum.record_attempts(p_results jsonb) RETURNS int
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = barnum, pg_temp
+AS $$
+DECLARE
+    v_now timestamptz := barnum.clock();
+    v_base int;
+    v_cap int;
+    v_max int;
+    n int;
+    touched uuid[];
+BEGIN
+    IF p_results IS NULL OR jsonb_typeof(p_results) <> 'array' THEN
+        PERFORM barnum.fail('BN400', 'results must be a JSON array');
+    END IF;
+    IF EXISTS (SELECT 1 FROM jsonb_array_elements(p_results) x
+                WHERE jsonb_typeof(x) <> 'object'
+                   OR jsonb_typeof(x -> 'delivery_id') IS DISTINCT FROM 'number'
+                   OR jsonb_typeof(x -> 'attempt') IS DISTINCT FROM 'number'
+                   OR jsonb_typeof(x -> 'ok') IS DISTINCT FROM 'boolean') THEN
+        PERFORM barnum.fail('BN400', 'each result needs delivery_id (number), attempt (number) and ok (boolean)');
+    END IF;
+    v_base := barnum.setting_int('backoff_base_seconds');
+    v_cap := barnum.setting_int('backoff_max_seconds');
+    v_max := barnum.setting_int('max_attempts');
+
+    -- One statement: the UPDATE's WHERE is the fence (Postgres re-checks it
+    -- on the newest row version if a concurrent reclaim got there first).
+    WITH x AS (
+        SELECT DISTINCT ON (r.delivery_id) r.*
+          FROM jsonb_to_recordset(p_results) AS r(
+                   delivery_id bigint, attempt int, ok boolean, retryable boolean, http_status int,
+                   duration_ms int, error text, response_body text, retry_after_seconds numeric)
+         ORDER BY r.delivery_id
+    ), upd AS (
+        UPDATE barnum.webhook_deliveries d
+           SET status = CASE
+                   WHEN x.ok THEN 'sent'
+                   WHEN coalesce(x.retryable, false) AND d.attempts < coalesce(ep.max_attempts, v_max) THEN 'pending'
+                   ELSE 'dead_letter' END,
+               next_attempt_at = CASE
+                   WHEN NOT x.ok AND coalesce(x.retryable, false) AND d.attempts < coalesce(ep.max_attempts, v_max)
+                   THEN v_now + greatest(barnum.backoff_interval(d.attempts, v_base, v_cap),
+                                         make_interval(secs => least(greatest(coalesce(x.retry_after_seconds, 0), 0), 86400)))
+                   ELSE d.next_attempt_at END,
+               locked_by = NULL, locked_until = NULL,
+               last_http_status = x.http_status,
+               last_error = CASE WHEN x.ok THEN NULL
+                                 ELSE left(coalesce(x.error, 'HTTP ' || x.http_status, 'failed'), 2000) END,
+               delivered_at = CASE WHEN x.ok THEN v_now END
+          FROM x, barnum.webhook_endpoints ep
+         WHERE d.id = x.delivery_id AND d.attempts = x.attempt AND d.status = 'processing'
+           AND ep.id = d.endpoint_id
+        RETURNING d.id, d.event_id, x.attempt, x.duration_ms, x.http_status,
+                  left(x.response_body, 4096) AS response_body, left(x.error, 2000) AS error
+    ), audit AS (
+        INSERT INTO barnum.webhook_attempts (delivery_id, attempt, started_at, duration_ms, http_status, response_body, error)
+        SELECT upd.id, upd.attempt, v_now - make_interval(secs => coalesce(upd.duration_ms, 0) / 1000.0),
+               upd.duration_ms, upd.http_status, upd.response_body, upd.error
+          FROM upd
+    )
+    SELECT count(*), array_agg(DISTINCT upd.event_id) INTO n, touched FROM upd;
+
+    IF touched IS NOT NULL THEN
+        PERFORM barnum.refresh_events(touched);
+    END IF;
+    RETURN n;
+END
+$$;
+
+-- Graceful shutdown: hand a worker's unfinished claims back, due at once.
+-- The attempt did not happen, so its number is given back too.
+CREATE OR REPLACE FUNCTION barnum.release_deliveries(p_worker text) RETURNS int
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = barnum, pg_temp
+AS $$
+DECLARE
+    touched uuid[];
+BEGIN
+    IF p_worker IS NULL OR btrim(p_worker) = '' THEN
+        PERFORM barnum.fail('BN400', 'worker name is required');
+    END IF;
+    WITH rel AS (
+        UPDATE barnum.webhook_deliveries
+           SET status = 'pending', attempts = greatest(attempts - 1, 0),
+               locked_by = NULL, locked_until = NULL, next_attempt_at = barnum.clock()
+         WHERE status = 'processing' AND locked_by = p_worker
+        RETURNING event_id)
+    SELECT array_agg(event_id) INTO touched FROM rel;
+    IF touched IS NULL THEN
+        RETURN 0;
+    END IF;
+    PERFORM barnum.refresh_events(touched);
+    PERFORM barnum.wake_relays();
+    RETURN cardinality(touched);
+END
+$$;
+
+-- Earliest moment any delivery becomes claimable: a pending row's due time
+-- or a lease's expiry.  NULL when there is nothing to do.
+CREATE OR REPLACE FUNCTION barnum.next_due_at() RETURNS timestamptz
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = barnum, pg_temp
+AS $$
+    SELECT least(
+        (SELECT min(next_attempt_at) FROM barnum.webhook_deliveries WHERE status = 'pending'),
+        (SELECT min(locked_until) FROM barnum.webhook_deliveries WHERE status = 'processing'))
+$$;
+
+-- Put dead letters back in the queue with a fresh attempt budget.
+CREATE OR REPLACE FUNCTION barnum.retry_dead_letters(p_event_id uuid DEFAULT NULL) RETURNS int
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = barnum, pg_temp
+AS $$
+DECLARE
+    touched uuid[];
+    n int;
+BEGIN
+    IF p_event_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM barnum.whatsapp_events WHERE id = p_event_id) THEN
+        PERFORM barnum.fail('BN404', format('event %s not found', p_event_id));
+    END IF;
+    WITH r AS (
+        UPDATE barnum.webhook_deliveries
+           SET status = 'pending', attempts = 0, next_attempt_at = barnum.clock(),
+               locked_by = NULL, locked_until = NULL
+         WHERE status = 'dead_letter' AND (p_event_id IS NULL OR event_id = p_event_id)
+        RETURNING event_id)
+    SELECT array_agg(DISTINCT event_id), count(*) INTO touched, n FROM r;
+    IF n > 0 THEN
+        -- A workflow that failed with its event is live again.
+        UPDATE barnum.whatsapp_workflows w SET status = 'pending'
+          FROM barnum.whatsapp_events e
+         WHERE e.id = ANY (touched) AND w.id = e.workflow_id AND w.status = 'failed';
+        PERFORM barnum.refresh_events(touched);
+        PERFORM barnum.wake_relays();
+    END IF;
+    RETURN n;
+END
+$$;
+
+-- Queue depth for dashboards and /metrics.  Every count here uses a partial
+-- index, so it stays cheap with millions of delivered rows.
+CREATE OR REPLACE FUNCTION barnum.queue_stats() RETURNS jsonb
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = barnum, pg_temp
+AS $$
+    SELECT jsonb_build_object(
+        'pending', (SELECT count(*) FROM barnum.webhook_deliveries WHERE status = 'pending'),
+        'due', (SELECT count(*) FROM barnum.webhook_deliveries
+                 WHERE status = 'pending' AND next_attempt_at <= barnum.clock()),
+        'processing', (SELECT count(*) FROM barnum.webhook_deliveries WHERE status = 'processing'),
+        'dead_letter', (SELECT count(*) FROM barnum.webhook_deliveries WHERE status = 'dead_letter'),
+        'oldest_due_age_seconds', coalesce((
+            SELECT extract(epoch FROM barnum.clock() - min(next_attempt_at))::float8
+              FROM barnum.webhook_deliveries
+             WHERE status = 'pending' AND next_attempt_at <= barnum.clock()), 0),
+        'next_due_at', barnum.next_due_at())
+$$;

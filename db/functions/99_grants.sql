@@ -1,0 +1,31 @@
+-- 99_grants: who may call what (SPEC §2.7).  Last in name order so it also
+-- covers functions added by the files before it.  The roles reach data only
+-- through these SECURITY DEFINER functions; they hold no table privilege.
+
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA barnum FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA barnum FROM barnum_relay, barnum_shim;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA barnum FROM barnum_relay, barnum_shim;
+
+-- barnum_relay: the delivery loop.
+GRANT EXECUTE ON FUNCTION
+    barnum.claim_deliveries(text, int, interval),
+    barnum.claim_deliveries_text(text, int, interval),
+    barnum.record_attempts(jsonb),
+    barnum.release_deliveries(text),
+    barnum.next_due_at(),
+    barnum.tick(int),
+    barnum.retry_dead_letters(uuid),
+    barnum.queue_stats(),
+    barnum.ensure_endpoint(text, text)
+TO barnum_relay;
+
+-- barnum_shim: patients' links and n8n's callbacks.
+GRANT EXECUTE ON FUNCTION
+    barnum.peek_action(text),
+    barnum.perform_action(text, text),
+    barnum.handle_callback(text, jsonb, text),
+    barnum.validate_action_token(text),
+    barnum.shim_config(),
+    barnum.migrations_current(text[]),
+    barnum.queue_stats()
+TO barnum_shim;

@@ -1,0 +1,77 @@
+"""asyncpg plumbing shared by the relay and the shim.
+
+Statements themselves live in ``listener.queries``; this module only opens
+pools and turns Barnum's SQLSTATE ``BN4xx`` errors into a small value type.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+
+#: HTTP status for each Barnum SQLSTATE (SPEC §2.6).
+HTTP_STATUS = {"BN400": 400, "BN404": 404, "BN409": 409, "BN410": 410, "BN422": 422}
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class BarnumError:
+    """A business error raised by SQL: code ``BN4xx``, message, optional detail."""
+
+    code: str
+    message: str
+    detail: dict[str, object]
+
+    @property
+    def http_status(self) -> int:
+        return HTTP_STATUS.get(self.code, 400)
+
+
+def barnum_error(exc: BaseException) -> BarnumError | None:
+    """The BarnumError carried by an asyncpg exception, or None if it is not one."""
+    if not isinstance(exc, asyncpg.PostgresError):
+        return None
+    code = getattr(exc, "sqlstate", None) or ""
+    if not code.startswith("BN"):
+        return None
+    detail: dict[str, object] = {}
+    raw = getattr(exc, "detail", None)
+    if raw:
+        try:
+            parsed = json.loads(raw)
+            if isinstance(parsed, dict):
+                detail = parsed
+        except ValueError:
+            pass
+    return BarnumError(code, getattr(exc, "message", str(exc)), detail)
+
+
+async def create_pool(
+    dsn: str,
+    *,
+    public_url: str | None = None,
+    min_size: int = 1,
+    max_size: int = 10,
+    application_name: str = "barnum",
+) -> asyncpg.Pool:
+    """A pool whose sessions carry ``barnum.public_base_url`` when
+    ``BARNUM_PUBLIC_URL`` overrides the setting (SQL renders the links)."""
+    settings = {"application_name": application_name}
+    if public_url:
+        settings["barnum.public_base_url"] = public_url
+    pool = await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, server_settings=settings,
+        # Statements are few and fixed; caching their plans is the point.
+        statement_cache_size=100,
+    )
+    assert pool is not None
+    return pool
+
+
+def migration_versions(root: Path = REPO_ROOT) -> list[str]:
+    """Versions of the migration files on disk (``0001`` of ``0001_schema.sql``)."""
+    return sorted(p.name.split("_", 1)[0] for p in (root / "db" / "migrations").glob("*.sql"))
