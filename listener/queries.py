@@ -59,3 +59,33 @@ MIGRATIONS_CURRENT = "SELECT barnum.migrations_current($1::text[])"
 
 #: Settings the shim renders with (locale, public_base_url, one_click_actions).
 SHIM_CONFIG = "SELECT barnum.shim_config()::text"
+
+# --- operator tools (barnum endpoints | dlq | status | settings) --------------
+
+#: Add an endpoint: name, url, secret, event_types text[], max_attempts,
+#: timeout_ms, allow_http.  Returns the endpoint as jsonb (no secret).
+ENDPOINT_ADD = "SELECT barnum.endpoint_add($1, $2, $3, $4::text[], $5, $6, $7)::text"
+
+#: All endpoints as a jsonb array (secrets never leave the database here).
+ENDPOINT_LIST = "SELECT barnum.endpoint_list()::text"
+
+#: Enable ($2 = true) or disable an endpoint by name.
+ENDPOINT_SET_ACTIVE = "SELECT barnum.endpoint_set_active($1, $2)::text"
+
+#: Remove an endpoint; refused while it has queued work unless $2 (force).
+ENDPOINT_REMOVE = "SELECT barnum.endpoint_remove($1, $2)::text"
+
+#: Dead letters, newest first ($1 = limit).
+DLQ_LIST = "SELECT barnum.dlq_list($1)::text"
+
+#: Re-queue dead letters: all, or one event's ($1 uuid or NULL).
+DLQ_RETRY = "SELECT barnum.retry_dead_letters($1::uuid)"
+
+#: Queue, statuses and per-endpoint success over the last hour (jsonb).
+STATUS_REPORT = "SELECT barnum.status_report()::text"
+
+#: Every setting as a jsonb object.
+SETTINGS_GET = "SELECT barnum.get_settings()::text"
+
+#: Set one setting ($2 as jsonb text); validated in SQL (BN404/BN422).
+SETTINGS_SET = "SELECT barnum.set_setting($1, $2::jsonb)::text"

@@ -1,0 +1,173 @@
+-- 95_operator: what `barnum endpoints|dlq|status|settings` call.  Operator
+-- tools go through these functions, never through ad-hoc SQL in Python, so a
+-- DBA sees (and can change) every rule here.
+
+-- https is required for a receiver unless it is on this machine (loopback)
+-- or the operator explicitly allows plain http.
+CREATE OR REPLACE FUNCTION barnum.check_receiver_url(p_url text, p_allow_http boolean) RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = barnum, pg_temp
+AS $$
+DECLARE
+    host text;
+BEGIN
+    PERFORM barnum.check_endpoint_url(p_url);
+    host := lower(substring(p_url FROM '^https?://(?:[^@/]*@)?(\[[^\]]+\]|[^:/?#]+)'));
+    IF p_url ~* '^http://' AND NOT coalesce(p_allow_http, false)
+       AND host !~ '^(localhost|127\.\d+\.\d+\.\d+|\[::1\])$' THEN
+        PERFORM barnum.fail('BN422', format(
+            'plain http is only allowed for loopback receivers; use https:// or allow http explicitly (%s)', host));
+    END IF;
+    RETURN p_url;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION barnum.endpoint_add(
+    p_name text, p_url text, p_secret text DEFAULT NULL, p_event_types text[] DEFAULT '{*}',
+    p_max_attempts int DEFAULT NULL, p_timeout_ms int DEFAULT 10000, p_allow_http boolean DEFAULT false)
+RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = barnum, pg_temp
+AS $$
+DECLARE
+    ep barnum.webhook_endpoints;
+BEGIN
+    IF p_name IS NULL OR p_name !~ '^[A-Za-z0-9_.-]{1,64}$' THEN
+        PERFORM barnum.fail('BN400', format('endpoint name must be 1–64 of A-Z a-z 0-9 _ . -, got %L', p_name));
+    END IF;
+    PERFORM barnum.check_receiver_url(p_url, p_allow_http);
+    IF p_event_types IS NULL OR cardinality(p_event_types) = 0
+       OR EXISTS (SELECT 1 FROM unnest(p_event_types) t WHERE t !~ '^[a-z_*?]+(\.[a-z_*?]+)?$') THEN
+        PERFORM barnum.fail('BN422', 'event types must be patterns like "appointment.*" or "*"');
+    END IF;
+    IF p_max_attempts IS NOT NULL AND p_max_attempts NOT BETWEEN 1 AND 100 THEN
+        PERFORM barnum.fail('BN422', 'max attempts must be between 1 and 100');
+    END IF;
+    IF p_timeout_ms IS NULL OR p_timeout_ms NOT BETWEEN 100 AND 300000 THEN
+        PERFORM barnum.fail('BN422', 'timeout must be between 100 and 300000 ms');
+    END IF;
+    IF p_secret IS NOT NULL AND length(p_secret) < 16 THEN
+        PERFORM barnum.fail('BN422', 'an endpoint secret must be at least 16 characters');
+    END IF;
+    IF EXISTS (SELECT 1 FROM barnum.webhook_endpoints WHERE name = p_name) THEN
+        PERFORM barnum.fail('BN409', format('endpoint %L already exists', p_name));
+    END IF;
+    INSERT INTO barnum.webhook_endpoints (name, url, secret, event_types, max_attempts, timeout_ms)
+    VALUES (p_name, p_url, p_secret, p_event_types, p_max_attempts, p_timeout_ms)
+    RETURNING * INTO ep;
+    RETURN barnum.endpoint_json(ep);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION barnum.endpoint_list() RETURNS jsonb
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = barnum, pg_temp
+AS $$
+    SELECT coalesce(jsonb_agg(barnum.endpoint_json(ep) ORDER BY ep.name), '[]')
+      FROM barnum.webhook_endpoints ep
+$$;
+
+CREATE OR REPLACE FUNCTION barnum.endpoint_set_active(p_name text, p_active boolean) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = barnum, pg_temp
+AS $$
+DECLARE
+    ep barnum.webhook_endpoints;
+BEGIN
+    UPDATE barnum.webhook_endpoints SET is_active = p_active WHERE name = p_name RETURNING * INTO ep;
+    IF NOT FOUND THEN
+        PERFORM barnum.fail('BN404', format('no endpoint named %L', p_name));
+    END IF;
+    RETURN barnum.endpoint_json(ep);
+END
+$$;
+
+-- Removing an endpoint drops its delivery history with it; refuse while it
+-- still has work queued unless forced (nothing is lost silently).
+CREATE OR REPLACE FUNCTION barnum.endpoint_remove(p_name text, p_force boolean DEFAULT false) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = barnum, pg_temp
+AS $$
+DECLARE
+    ep barnum.webhook_endpoints;
+    queued int;
+    touched uuid[];
+BEGIN
+    SELECT * INTO ep FROM barnum.webhook_endpoints WHERE name = p_name FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM barnum.fail('BN404', format('no endpoint named %L', p_name));
+    END IF;
+    SELECT count(*) INTO queued FROM barnum.webhook_deliveries
+     WHERE endpoint_id = ep.id AND status IN ('pending', 'processing');
+    IF queued > 0 AND NOT coalesce(p_force, false) THEN
+        PERFORM barnum.fail('BN409', format(
+            'endpoint %L has %s queued deliveries; disable it, or remove with force to drop them', p_name, queued));
+    END IF;
+    SELECT array_agg(DISTINCT event_id) INTO touched FROM barnum.webhook_deliveries WHERE endpoint_id = ep.id;
+    DELETE FROM barnum.webhook_endpoints WHERE id = ep.id;
+    IF touched IS NOT NULL THEN
+        PERFORM barnum.refresh_events(touched);
+    END IF;
+    RETURN barnum.endpoint_json(ep) || jsonb_build_object('dropped_queued', queued);
+END
+$$;
+
+-- Dead letters, newest first, with what the receiver last said.
+CREATE OR REPLACE FUNCTION barnum.dlq_list(p_limit int DEFAULT 50) RETURNS jsonb
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = barnum, pg_temp
+AS $$
+BEGIN
+    IF p_limit IS NULL OR p_limit NOT BETWEEN 1 AND 10000 THEN
+        PERFORM barnum.fail('BN422', 'limit must be between 1 and 10000');
+    END IF;
+    RETURN (
+        SELECT coalesce(jsonb_agg(x ORDER BY x.created_at DESC), '[]')
+          FROM (SELECT e.id AS event_id, e.event_type, ep.name AS endpoint, d.attempts,
+                       d.last_http_status, d.last_error, e.created_at
+                  FROM barnum.webhook_deliveries d
+                  JOIN barnum.whatsapp_events e ON e.id = d.event_id
+                  JOIN barnum.webhook_endpoints ep ON ep.id = d.endpoint_id
+                 WHERE d.status = 'dead_letter'
+                 ORDER BY e.created_at DESC
+                 LIMIT p_limit) x);
+END
+$$;
+
+-- `barnum status`: the queue at a glance.  Counts by status scan the
+-- deliveries table (an operator command, not a hot path); the rest uses
+-- partial indexes and the last hour of attempts.
+CREATE OR REPLACE FUNCTION barnum.status_report() RETURNS jsonb
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = barnum, pg_temp
+AS $$
+    SELECT jsonb_build_object(
+        'queue', barnum.queue_stats(),
+        'deliveries_by_status', (
+            SELECT coalesce(jsonb_object_agg(status, n), '{}')
+              FROM (SELECT status, count(*) AS n FROM barnum.webhook_deliveries GROUP BY status) s),
+        'events_by_status', (
+            SELECT coalesce(jsonb_object_agg(status, n), '{}')
+              FROM (SELECT status, count(*) AS n FROM barnum.whatsapp_events GROUP BY status) s),
+        'endpoints', (
+            SELECT coalesce(jsonb_agg(jsonb_build_object(
+                       'name', ep.name, 'url', ep.url, 'is_active', ep.is_active,
+                       'attempts_last_hour', coalesce(h.total, 0),
+                       'succeeded_last_hour', coalesce(h.ok, 0),
+                       'success_rate_last_hour',
+                           CASE WHEN coalesce(h.total, 0) = 0 THEN NULL
+                                ELSE round(h.ok::numeric / h.total, 4) END,
+                       'pending', (SELECT count(*) FROM barnum.webhook_deliveries d
+                                    WHERE d.endpoint_id = ep.id AND d.status = 'pending'),
+                       'dead_letter', (SELECT count(*) FROM barnum.webhook_deliveries d
+                                        WHERE d.endpoint_id = ep.id AND d.status = 'dead_letter'))
+                   ORDER BY ep.name), '[]')
+              FROM barnum.webhook_endpoints ep
+              LEFT JOIN (
+                  SELECT d.endpoint_id, count(*) AS total,
+                         count(*) FILTER (WHERE a.http_status BETWEEN 200 AND 299) AS ok
+                    FROM barnum.webhook_attempts a
+                    JOIN barnum.webhook_deliveries d ON d.id = a.delivery_id
+                   WHERE a.started_at > barnum.clock() - interval '1 hour'
+                   GROUP BY d.endpoint_id) h ON h.endpoint_id = ep.id))
+$$;
