@@ -1,0 +1,162 @@
+"""The ``barnum`` command line (SPEC §6).
+
+Each subcommand is a :class:`Command`: a ``configure`` function adding its
+arguments to its sub-parser and a ``run`` function returning the exit status.
+Adding one is a local edit: write the two functions and add an entry to
+:data:`COMMANDS`.
+
+Conventions: a missing required setting (e.g. ``DATABASE_URL``) raises
+:class:`ConfigError` → one line on stderr and exit 2; a runtime failure a
+command reports itself (one line ``barnum <cmd>: <message>``) and returns 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+class ConfigError(Exception):
+    """A required setting is missing or invalid; the message names it."""
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def require_env(name: str, value: str | None = None) -> str:
+    """``value`` if given, else the environment variable ``name``; missing → ConfigError."""
+    result = value if value else os.environ.get(name, "")
+    if not result:
+        raise ConfigError(f"{name} is not set (required)")
+    return result
+
+
+def add_database_url(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--database-url",
+        metavar="URL",
+        default=None,
+        help="PostgreSQL URL (default: $DATABASE_URL)",
+    )
+
+
+def database_url(args: argparse.Namespace) -> str:
+    url: str | None = getattr(args, "database_url", None)
+    if url:
+        return url
+    try:
+        return require_env("DATABASE_URL")
+    except ConfigError:
+        raise ConfigError("DATABASE_URL is not set (or pass --database-url URL)") from None
+
+
+def fail(command: str, message: str) -> int:
+    """Report a runtime failure on one line and return the failure status."""
+    flat = " ".join(message.split())
+    print(f"barnum {command}: {flat}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def setup_logging() -> None:
+    """Configure the root logger from ``BARNUM_LOG_LEVEL`` (default INFO)."""
+    name = os.environ.get("BARNUM_LOG_LEVEL", "INFO").strip().upper() or "INFO"
+    level = logging.getLevelNamesMapping().get(name)
+    if level is None:
+        raise ConfigError(f"BARNUM_LOG_LEVEL={name!r} is not a log level (use DEBUG, INFO, WARNING, ERROR)")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# ------------------------------------------------------------------ migrate
+
+
+def _configure_migrate(p: argparse.ArgumentParser) -> None:
+    add_database_url(p)
+    p.add_argument("--status", action="store_true", help="list applied / pending files and exit")
+    p.add_argument(
+        "--root",
+        type=Path,
+        default=None,
+        help="project directory holding db/ (default: this checkout)",
+    )
+
+
+def _run_migrate(args: argparse.Namespace) -> int:
+    from listener import migrate as m
+
+    url = database_url(args)
+    root: Path | None = args.root
+    try:
+        if args.status:
+            rows = m.status(url, root)
+            width = max([len(f) for _, f, _ in rows] + [4])
+            print(f"{'KIND':<9}  {'FILE':<{width}}  STATE")
+            for kind, filename, state in rows:
+                print(f"{kind:<9}  {filename:<{width}}  {state}")
+            pending = sum(1 for *_, s in rows if s != "applied")
+            print(f"{len(rows) - pending} applied, {pending} not applied")
+            return EXIT_OK
+
+        def progress(kind: str, filename: str) -> None:
+            print(f"applying {kind} {filename}", flush=True)
+
+        report = m.migrate(url, root, progress=progress)
+    except m.MigrationError as exc:
+        return fail("migrate", str(exc))
+    print(f"barnum migrate: {report.summary()}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------ registry
+
+COMMANDS: dict[str, Command] = {
+    "migrate": Command(
+        help="apply database migrations and function files",
+        configure=_configure_migrate,
+        run=_run_migrate,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="barnum",
+        description="Clinic appointment messaging: logic in PostgreSQL, a relay and a shim beside it.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help)
+        command.configure(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        setup_logging()
+        return COMMANDS[args.command].run(args)
+    except ConfigError as exc:
+        print(f"barnum {args.command}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Prometheus metrics (the seed's monitoring list, SPEC §6 issue 5).
+
+Counters are process-local and moved by the relay and the shim; the queue
+gauges are refreshed from ``queue_stats()`` just before each scrape (shim)
+or on every sweep (relay).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
+
+from listener import queries
+
+DELIVERIES = Counter(
+    "barnum_deliveries_total",
+    "Delivery attempts by outcome (delivered, retry, dead_letter, stale)",
+    ["outcome"],
+)
+DELIVERY_SECONDS = Histogram(
+    "barnum_delivery_duration_seconds",
+    "HTTP duration of one delivery attempt",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+ACTIONS = Counter(
+    "barnum_action_requests_total",
+    "Patients' action-link requests by type, method and outcome (HTTP status)",
+    ["type", "method", "status"],
+)
+CALLBACKS = Counter(
+    "barnum_callbacks_total",
+    "n8n callbacks by action and outcome (HTTP status)",
+    ["action", "status"],
+)
+SIGNATURE_FAILURES = Counter(
+    "barnum_signature_failures_total",
+    "Callbacks rejected because the signature was missing, wrong or stale",
+)
+QUEUE_DEPTH = Gauge(
+    "barnum_queue_deliveries",
+    "Deliveries by queue state (pending, due, processing, dead_letter)",
+    ["state"],
+)
+OLDEST_DUE_AGE = Gauge(
+    "barnum_queue_oldest_due_age_seconds",
+    "Age of the oldest delivery that is due and not yet sent",
+)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def set_queue_gauges(stats: dict[str, Any]) -> None:
+    """Copy a ``queue_stats()`` document into the gauges."""
+    for state in ("pending", "due", "processing", "dead_letter"):
+        value = stats.get(state)
+        if isinstance(value, (int, float)):
+            QUEUE_DEPTH.labels(state=state).set(value)
+    age = stats.get("oldest_due_age_seconds")
+    if isinstance(age, (int, float)):
+        OLDEST_DUE_AGE.set(age)
+
+
+async def refresh_queue_gauges(conn: Any) -> None:
+    """Fetch ``queue_stats()`` over an asyncpg connection/pool and set the gauges."""
+    text = await conn.fetchval(queries.QUEUE_STATS)
+    if text:
+        set_queue_gauges(json.loads(text))
+
+
+def render() -> bytes:
+    """The exposition text of every Barnum metric."""
+    return generate_latest(REGISTRY)

@@ -1,0 +1,353 @@
+"""The migration runner behind ``barnum migrate`` (SPEC §2.1).
+
+* ``db/migrations/NNNN_name.sql`` — versioned, forward-only; each applied once,
+  in name order, in its own transaction, and recorded with its sha256 in
+  ``barnum.schema_migrations``.  An applied file whose checksum changed (or
+  whose file vanished) is an error and nothing is applied.
+* ``db/functions/NN_name.sql`` — repeatable (``CREATE OR REPLACE``), tracked in
+  ``barnum.schema_functions``.  When any migration was applied or any function
+  file is new or changed, *every* function file is re-applied in name order,
+  each in its own transaction: later files may depend on earlier ones (the last
+  one holds the grants), and a migration may have dropped what they created.
+* A session-level advisory lock serialises concurrent runs; a second run with
+  nothing changed is a no-op.
+
+Each file's text is sent as one simple-protocol query (psycopg does so when no
+parameters are given), so files may hold many statements and ``$$`` bodies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import TupleRow
+
+#: Key of the session-level advisory lock held for a whole run ("barnum-m").
+LOCK_KEY = 0x6261726E756D2D6D
+
+_MIGRATION_RE = re.compile(r"^(\d+)_([A-Za-z0-9][A-Za-z0-9_.-]*)\.sql$")
+_FUNCTION_RE = re.compile(r"^(\d+)_([A-Za-z0-9][A-Za-z0-9_.-]*)\.sql$")
+
+_BOOKKEEPING = """
+CREATE SCHEMA IF NOT EXISTS barnum;
+CREATE TABLE IF NOT EXISTS barnum.schema_migrations (
+    version    text PRIMARY KEY,
+    name       text NOT NULL,
+    checksum   text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS barnum.schema_functions (
+    name       text PRIMARY KEY,
+    checksum   text,
+    applied_at timestamptz
+);
+"""
+
+_SESSION_RESET = "RESET ALL; SET client_min_messages = warning"
+
+Kind = Literal["migration", "function"]
+State = Literal["applied", "pending", "changed", "missing"]
+Progress = Callable[[Kind, str], None]
+Connection = psycopg.Connection[TupleRow]
+
+
+class MigrationError(Exception):
+    """A migration run refused to proceed or a file failed; the message names the file."""
+
+
+@dataclass(frozen=True)
+class SqlFile:
+    kind: Kind
+    version: str  # "0001" for migrations, the file name for function files
+    name: str  # "schema" for 0001_schema.sql; the file name for function files
+    path: Path
+    checksum: str
+
+    @property
+    def filename(self) -> str:
+        return self.path.name
+
+    def text(self) -> str:
+        return self.path.read_text(encoding="utf-8")
+
+
+@dataclass
+class MigrateReport:
+    applied_migrations: list[str] = field(default_factory=list)
+    applied_functions: list[str] = field(default_factory=list)
+    removed_functions: list[str] = field(default_factory=list)
+    migrations_total: int = 0
+    functions_total: int = 0
+
+    @property
+    def noop(self) -> bool:
+        return not (self.applied_migrations or self.applied_functions or self.removed_functions)
+
+    def summary(self) -> str:
+        if self.noop:
+            return (
+                f"nothing to do: {self.migrations_total} migration(s) and "
+                f"{self.functions_total} function file(s) up to date"
+            )
+        parts = [
+            f"applied {len(self.applied_migrations)} migration(s)",
+            f"re-applied {len(self.applied_functions)} function file(s)",
+        ]
+        if self.removed_functions:
+            parts.append(f"forgot {len(self.removed_functions)} removed function file(s)")
+        return ", ".join(parts)
+
+
+# ------------------------------------------------------------------ files
+
+
+def default_root() -> Path:
+    """The project directory holding ``db/`` (the checkout this package lives in)."""
+    here = Path(__file__).resolve().parent.parent
+    if (here / "db" / "migrations").is_dir():
+        return here
+    return Path.cwd()
+
+
+def _checksum(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def migration_files(root: Path) -> list[SqlFile]:
+    """``db/migrations/*.sql`` in name order; malformed or duplicate versions are errors."""
+    directory = root / "db" / "migrations"
+    if not directory.is_dir():
+        raise MigrationError(f"no migrations directory at {directory}")
+    files: list[SqlFile] = []
+    seen: dict[str, str] = {}
+    for path in sorted(directory.glob("*.sql"), key=lambda p: p.name):
+        m = _MIGRATION_RE.match(path.name)
+        if m is None:
+            raise MigrationError(
+                f"{path.name}: migration file names must look like NNNN_name.sql"
+            )
+        version = m.group(1)
+        if version in seen:
+            raise MigrationError(
+                f"{path.name}: version {version} is also used by {seen[version]}"
+            )
+        seen[version] = path.name
+        files.append(SqlFile("migration", version, m.group(2), path, _checksum(path)))
+    return files
+
+
+def function_files(root: Path) -> list[SqlFile]:
+    """``db/functions/*.sql`` in name order (an absent directory means none)."""
+    directory = root / "db" / "functions"
+    if not directory.is_dir():
+        return []
+    files: list[SqlFile] = []
+    for path in sorted(directory.glob("*.sql"), key=lambda p: p.name):
+        if _FUNCTION_RE.match(path.name) is None:
+            raise MigrationError(
+                f"{path.name}: function file names must look like NN_name.sql"
+            )
+        files.append(SqlFile("function", path.name, path.name, path, _checksum(path)))
+    return files
+
+
+def disk_versions(root: Path) -> list[str]:
+    """Versions of the migration files on disk, e.g. ``["0001", "0002"]``."""
+    return [f.version for f in migration_files(root)]
+
+
+# ------------------------------------------------------------------ database
+
+
+def _connect(dsn: str) -> Connection:
+    try:
+        conn = psycopg.connect(dsn, autocommit=True)
+    except psycopg.Error as exc:
+        raise MigrationError(f"cannot connect to the database: {_one_line(str(exc))}") from exc
+    conn.execute(_SESSION_RESET)
+    return conn
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(line.strip() for line in text.strip().splitlines() if line.strip())
+
+
+def _describe_error(f: SqlFile, text: str, exc: psycopg.Error) -> str:
+    diag = exc.diag
+    message = diag.message_primary or str(exc).splitlines()[0]
+    where = ""
+    position = diag.statement_position
+    if position:
+        try:
+            line = text[: int(position) - 1].count("\n") + 1
+            where = f" (line {line})"
+        except ValueError:
+            pass
+    extra = []
+    if diag.message_detail:
+        extra.append(f"DETAIL: {diag.message_detail}")
+    if diag.context:
+        extra.append(f"CONTEXT: {diag.context.strip().splitlines()[0]}")
+    tail = ("; " + "; ".join(extra)) if extra else ""
+    return f"{f.kind} {f.filename} failed{where}: {message}{tail}"
+
+
+def _table_exists(conn: Connection, name: str) -> bool:
+    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()
+    return bool(row and row[0])
+
+
+def _applied_migrations(conn: Connection) -> dict[str, tuple[str, str]]:
+    if not _table_exists(conn, "barnum.schema_migrations"):
+        return {}
+    rows = conn.execute("SELECT version, name, checksum FROM barnum.schema_migrations").fetchall()
+    return {str(v): (str(n), str(c)) for v, n, c in rows}
+
+
+def _applied_functions(conn: Connection) -> dict[str, str | None]:
+    if not _table_exists(conn, "barnum.schema_functions"):
+        return {}
+    rows = conn.execute("SELECT name, checksum FROM barnum.schema_functions").fetchall()
+    return {str(n): (None if c is None else str(c)) for n, c in rows}
+
+
+def _check_applied(
+    files: list[SqlFile], applied: dict[str, tuple[str, str]]
+) -> list[SqlFile]:
+    """Refuse changed or vanished applied migrations; return the pending files."""
+    on_disk = {f.version: f for f in files}
+    changed = [
+        f.filename for f in files if f.version in applied and applied[f.version][1] != f.checksum
+    ]
+    if changed:
+        raise MigrationError(
+            "applied migration(s) changed on disk: "
+            + ", ".join(changed)
+            + " — never edit an applied migration; add a new one"
+        )
+    vanished = sorted(v for v in applied if v not in on_disk)
+    if vanished:
+        raise MigrationError(
+            "applied migration(s) missing from db/migrations: "
+            + ", ".join(f"{v}_{applied[v][0]}.sql" for v in vanished)
+        )
+    return [f for f in files if f.version not in applied]
+
+
+def _apply(conn: Connection, f: SqlFile, record: sql.Composed) -> None:
+    """Run one file and its bookkeeping in one transaction."""
+    text = f.text()
+    try:
+        with conn.transaction():
+            # No parameters: psycopg sends this with the simple query protocol,
+            # so the file may contain many statements.
+            conn.execute(text.encode("utf-8"), prepare=False)
+            conn.execute(record)
+    except psycopg.Error as exc:
+        raise MigrationError(_describe_error(f, text, exc)) from exc
+    finally:
+        # A plain SET in a file outlives its transaction; don't let it leak
+        # into the next file (the advisory lock is not a setting: it stays).
+        if not conn.closed and not conn.broken:
+            conn.execute(_SESSION_RESET)
+
+
+def migrate(dsn: str, root: Path | None = None, *, progress: Progress | None = None) -> MigrateReport:
+    """Apply pending migrations, then (re-)apply function files; see module doc."""
+    root = default_root() if root is None else root
+    migrations = migration_files(root)
+    functions = function_files(root)
+    report = MigrateReport(migrations_total=len(migrations), functions_total=len(functions))
+    with _connect(dsn) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+        try:
+            conn.execute(_BOOKKEEPING)
+            pending = _check_applied(migrations, _applied_migrations(conn))
+            for f in pending:
+                if progress is not None:
+                    progress("migration", f.filename)
+                _apply(conn, f, sql.SQL(
+                    "INSERT INTO barnum.schema_migrations (version, name, checksum) "
+                    "VALUES ({}, {}, {}); "
+                    # Functions must be re-applied after any schema change; mark
+                    # them stale in the same transaction so a failure between
+                    # here and there is repaired by the next run.
+                    "UPDATE barnum.schema_functions SET checksum = NULL"
+                ).format(sql.Literal(f.version), sql.Literal(f.name), sql.Literal(f.checksum)))
+                report.applied_migrations.append(f.filename)
+
+            recorded = _applied_functions(conn)
+            stale = bool(report.applied_migrations) or any(
+                recorded.get(f.name) != f.checksum for f in functions
+            )
+            if stale:
+                for f in functions:
+                    if progress is not None:
+                        progress("function", f.filename)
+                    _apply(conn, f, sql.SQL(
+                        "INSERT INTO barnum.schema_functions (name, checksum, applied_at) "
+                        "VALUES ({0}, {1}, now()) ON CONFLICT (name) DO UPDATE "
+                        "SET checksum = EXCLUDED.checksum, applied_at = EXCLUDED.applied_at"
+                    ).format(sql.Literal(f.name), sql.Literal(f.checksum)))
+                    report.applied_functions.append(f.filename)
+            gone = sorted(set(recorded) - {f.name for f in functions})
+            if gone:
+                conn.execute(
+                    "DELETE FROM barnum.schema_functions WHERE name = ANY(%s)", (gone,)
+                )
+                report.removed_functions.extend(gone)
+        finally:
+            if not conn.closed and not conn.broken:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+    return report
+
+
+def status(dsn: str, root: Path | None = None) -> list[tuple[Kind, str, State]]:
+    """``(kind, file, state)`` for every migration and function file, read-only.
+
+    States: ``applied``; ``pending`` (not applied yet, or a function file whose
+    re-application is due); ``changed`` (an applied migration edited on disk —
+    ``migrate`` will refuse); ``missing`` (recorded, but the file is gone).
+    """
+    root = default_root() if root is None else root
+    migrations = migration_files(root)
+    functions = function_files(root)
+    rows: list[tuple[Kind, str, State]] = []
+    with _connect(dsn) as conn:
+        applied = _applied_migrations(conn)
+        recorded = _applied_functions(conn)
+    on_disk = {f.version for f in migrations}
+    for f in migrations:
+        if f.version not in applied:
+            rows.append(("migration", f.filename, "pending"))
+        elif applied[f.version][1] != f.checksum:
+            rows.append(("migration", f.filename, "changed"))
+        else:
+            rows.append(("migration", f.filename, "applied"))
+    for v in sorted(set(applied) - on_disk):
+        rows.append(("migration", f"{v}_{applied[v][0]}.sql", "missing"))
+    any_pending = any(state != "applied" for _, _, state in rows)
+    stale = any_pending or any(recorded.get(f.name) != f.checksum for f in functions)
+    for f in functions:
+        if recorded.get(f.name) == f.checksum and not stale:
+            rows.append(("function", f.filename, "applied"))
+        else:
+            # Any change re-applies every function file, so all are due.
+            rows.append(("function", f.filename, "pending"))
+    return rows
+
+
+def pending_versions(dsn: str, root: Path | None = None) -> list[str]:
+    """Versions on disk not yet recorded as applied (empty = migrations current)."""
+    root = default_root() if root is None else root
+    versions = disk_versions(root)
+    with _connect(dsn) as conn:
+        applied = _applied_migrations(conn)
+    return [v for v in versions if v not in applied]
