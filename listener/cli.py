@@ -20,13 +20,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from listener import admin
+from listener.config import ConfigError
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
-
-
-class ConfigError(Exception):
-    """A required setting is missing or invalid; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -74,12 +73,10 @@ def fail(command: str, message: str) -> int:
 
 
 def setup_logging() -> None:
-    """Configure the root logger from ``BARNUM_LOG_LEVEL`` (default INFO)."""
-    name = os.environ.get("BARNUM_LOG_LEVEL", "INFO").strip().upper() or "INFO"
-    level = logging.getLevelNamesMapping().get(name)
-    if level is None:
-        raise ConfigError(f"BARNUM_LOG_LEVEL={name!r} is not a log level (use DEBUG, INFO, WARNING, ERROR)")
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """JSON log lines at ``BARNUM_LOG_LEVEL`` (default INFO)."""
+    from listener import config, logs
+
+    logs.setup(config.load().log_level)
 
 
 # ------------------------------------------------------------------ migrate
@@ -122,6 +119,20 @@ def _run_migrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ------------------------------------------------------------------ operator tools
+
+
+def _admin_command(name: str, help: str, configure: Callable[[argparse.ArgumentParser], None]) -> Command:
+    def _configure(p: argparse.ArgumentParser) -> None:
+        add_database_url(p)
+        configure(p)
+
+    def _run(args: argparse.Namespace) -> int:
+        return admin.run(name, database_url(args), args)
+
+    return Command(help=help, configure=_configure, run=_run)
+
+
 # ------------------------------------------------------------------ registry
 
 COMMANDS: dict[str, Command] = {
@@ -130,6 +141,12 @@ COMMANDS: dict[str, Command] = {
         configure=_configure_migrate,
         run=_run_migrate,
     ),
+    "endpoints": _admin_command("endpoints", "manage webhook endpoints (add|list|enable|disable|remove)",
+                                admin.configure_endpoints),
+    "dlq": _admin_command("dlq", "list or retry dead letters", admin.configure_dlq),
+    "status": _admin_command("status", "queue depth, dead letters, per-endpoint success rate",
+                             admin.configure_status),
+    "settings": _admin_command("settings", "show or change settings (validated)", admin.configure_settings),
 }
 
 
