@@ -147,9 +147,12 @@ AS $$
 DECLARE
     wf uuid;
 BEGIN
+    -- Only an open workflow takes the answer: a closed one keeps the answer
+    -- it already has (a later confirm must not overwrite an earlier "yes").
     SELECT id INTO wf FROM barnum.whatsapp_workflows
      WHERE appointment_id = p_appointment_id AND workflow_type = ANY (p_types)
-     ORDER BY (status IN ('pending', 'sent')) DESC, created_at DESC
+       AND status IN ('pending', 'sent')
+     ORDER BY created_at DESC
      LIMIT 1
      FOR UPDATE;
     IF wf IS NOT NULL THEN
@@ -247,7 +250,7 @@ BEGIN
         -- The old time's reminder and confirmation request are void; tick()
         -- creates a reminder for the new time when it comes into the window.
         PERFORM barnum.close_workflows(NEW.id, 'cancelled', 'appointment rescheduled',
-                                       ARRAY['pre_confirmation', 'reminder']);
+                                       ARRAY['pre_confirmation', 'reminder', 'reschedule_prompt']);
         ev := 'appointment.rescheduled';
     ELSIF NEW.status = 'confirmed' AND OLD.status <> 'confirmed' THEN
         ev := 'appointment.confirmed';

@@ -65,11 +65,19 @@ BEGIN
         ON ep.is_active AND barnum.glob_match(ep.event_types, e.event_type)
      WHERE e.status = 'pending';
 
-    UPDATE barnum.whatsapp_events ev
-       SET status = 'skipped', last_error = 'no active endpoint', processed_at = now()
-      FROM new_events e
-     WHERE ev.id = e.id AND e.status = 'pending'
-       AND NOT EXISTS (SELECT 1 FROM barnum.webhook_deliveries d WHERE d.event_id = e.id);
+    -- Nobody will send it: the event is skipped and its workflow closed, so
+    -- the open workflow does not block the next one (e.g. a reactivation).
+    WITH skipped AS (
+        UPDATE barnum.whatsapp_events ev
+           SET status = 'skipped', last_error = 'no active endpoint', processed_at = now()
+          FROM new_events e
+         WHERE ev.id = e.id AND e.status = 'pending'
+           AND NOT EXISTS (SELECT 1 FROM barnum.webhook_deliveries d WHERE d.event_id = e.id)
+        RETURNING ev.workflow_id)
+    UPDATE barnum.whatsapp_workflows w
+       SET status = 'cancelled', metadata = w.metadata || '{"reason": "no active endpoint"}'
+      FROM skipped
+     WHERE w.id = skipped.workflow_id AND w.status = 'pending';
 
     SELECT EXISTS (
         SELECT 1 FROM new_events e
@@ -88,7 +96,8 @@ CREATE OR REPLACE TRIGGER trg_events_fanout
     FOR EACH STATEMENT EXECUTE FUNCTION barnum.events_fanout_trg();
 
 -- Event status summarises its deliveries; the workflow follows the event
--- ('sent' once delivered, 'failed' when every delivery died).  Called by
+-- ('sent' once delivered, 'failed' when it died, 'cancelled' with the reason
+-- when it was skipped as stale).  Called by
 -- every function that changes delivery states, for the events it touched.
 CREATE OR REPLACE FUNCTION barnum.refresh_events(p_event_ids uuid[]) RETURNS void
 LANGUAGE plpgsql
@@ -119,14 +128,17 @@ BEGIN
           FROM s
          WHERE e.id = s.event_id
            AND (e.status, e.retry_count, e.last_error) IS DISTINCT FROM (s.status, s.retry_count, s.last_error)
-        RETURNING e.workflow_id, e.status
+        RETURNING e.workflow_id, e.status, e.last_error
     )
     UPDATE barnum.whatsapp_workflows w
-       SET status = CASE upd.status WHEN 'sent' THEN 'sent' ELSE 'failed' END
+       SET status = CASE upd.status WHEN 'sent' THEN 'sent' WHEN 'dead_letter' THEN 'failed' ELSE 'cancelled' END,
+           metadata = CASE WHEN upd.status = 'skipped'
+                           THEN w.metadata || jsonb_build_object('reason', upd.last_error)
+                           ELSE w.metadata END
       FROM upd
      WHERE w.id = upd.workflow_id
        AND w.status = 'pending'
-       AND upd.status IN ('sent', 'dead_letter');
+       AND upd.status IN ('sent', 'dead_letter', 'skipped');
 END
 $$;
 

@@ -59,6 +59,9 @@ BEGIN
     SELECT array_agg(id) INTO ids FROM (
         SELECT d.id FROM barnum.webhook_deliveries d
          WHERE d.status = 'pending' AND d.next_attempt_at <= v_now
+           -- A disabled endpoint's work waits, untouched, until it is enabled.
+           AND EXISTS (SELECT 1 FROM barnum.webhook_endpoints ep
+                        WHERE ep.id = d.endpoint_id AND ep.is_active)
          ORDER BY d.next_attempt_at LIMIT p_limit - cardinality(expired)
          FOR UPDATE SKIP LOCKED) x;
     ids := expired || coalesce(ids, '{}');
@@ -139,15 +142,16 @@ AS $$
       FROM barnum.claim_deliveries_text(p_worker, p_limit, p_lease) c
 $$;
 
--- Backoff before retry n (n = attempts made so far): base·2^(n-1), capped,
--- ±20 % jitter so a receiver's recovery is not met by a synchronized herd.
+-- Backoff before retry n (n = attempts made so far): base·2^(n-1) with
+-- ±20 % jitter (so a receiver's recovery is not met by a synchronized herd),
+-- then capped: the cap is the longest any one wait may be.
 CREATE OR REPLACE FUNCTION barnum.backoff_interval(p_attempt int, p_base int, p_cap int)
 RETURNS interval
 LANGUAGE sql VOLATILE
 SET search_path = barnum, pg_temp
 AS $$
     SELECT make_interval(secs =>
-        least(p_base * power(2, greatest(p_attempt, 1) - 1), p_cap) * (0.8 + random() * 0.4))
+        least(p_base * power(2, least(greatest(p_attempt, 1) - 1, 30)) * (0.8 + random() * 0.4), p_cap))
 $$;
 
 -- Report a batch of HTTP outcomes.  A result whose (delivery_id, attempt) no
@@ -223,7 +227,9 @@ END
 $$;
 
 -- Graceful shutdown: hand a worker's unfinished claims back, due at once.
--- The attempt did not happen, so its number is given back too.
+-- The attempt did not happen, so its number is given back too.  Safe for
+-- fencing because a relay releases only after its in-flight requests have
+-- finished or been cancelled: it never reports a released attempt.
 CREATE OR REPLACE FUNCTION barnum.release_deliveries(p_worker text) RETURNS int
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = barnum, pg_temp
@@ -251,13 +257,18 @@ END
 $$;
 
 -- Earliest moment any delivery becomes claimable: a pending row's due time
--- or a lease's expiry.  NULL when there is nothing to do.
+-- (for an active endpoint — else the relay's timer would spin on work it may
+-- not claim) or a lease's expiry.  NULL when there is nothing to do.
 CREATE OR REPLACE FUNCTION barnum.next_due_at() RETURNS timestamptz
 LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = barnum, pg_temp
 AS $$
     SELECT least(
-        (SELECT min(next_attempt_at) FROM barnum.webhook_deliveries WHERE status = 'pending'),
+        (SELECT d.next_attempt_at FROM barnum.webhook_deliveries d
+          WHERE d.status = 'pending'
+            AND EXISTS (SELECT 1 FROM barnum.webhook_endpoints ep
+                         WHERE ep.id = d.endpoint_id AND ep.is_active)
+          ORDER BY d.next_attempt_at LIMIT 1),
         (SELECT min(locked_until) FROM barnum.webhook_deliveries WHERE status = 'processing'))
 $$;
 
