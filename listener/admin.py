@@ -20,6 +20,7 @@ from listener import queries
 from listener.db import barnum_error
 
 EXIT_OK = 0
+EXIT_FAILURE = 1
 EXIT_INPUT = 2
 
 Handler = Callable[[asyncpg.Connection, argparse.Namespace], Awaitable[int]]
@@ -164,8 +165,12 @@ async def _settings(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
         print("\n".join(f"{k:<{width}}  {json.dumps(v)}" for k, v in sorted(doc.items())))
         return EXIT_OK
     raw = args.value
+
+    def no_constants(name: str) -> Any:
+        raise ValueError(name)  # NaN/Infinity are not JSON, jsonb rejects them
+
     try:
-        value = json.loads(raw)
+        value = json.loads(raw, parse_constant=no_constants)
     except ValueError:
         value = raw  # a bare word is a string: `settings set locale en`
     stored = await conn.fetchval(queries.SETTINGS_SET, args.key, json.dumps(value))
@@ -206,7 +211,20 @@ def run(command: str, url: str, args: argparse.Namespace) -> int:
         return asyncio.run(go())
     except asyncpg.PostgresError as exc:
         err = barnum_error(exc)
-        if err is None:
-            raise
-        print(f"barnum {command}: {err.message}", file=sys.stderr)
+        if err is not None:
+            message = err.message
+        elif (getattr(exc, "sqlstate", "") or "").startswith("22"):  # data exception: bad input
+            message = f"invalid value: {getattr(exc, 'message', exc)}"
+        else:
+            print(f"barnum {command}: database error: {' '.join(str(exc).split())}", file=sys.stderr)
+            return EXIT_FAILURE
+        print(f"barnum {command}: {message}", file=sys.stderr)
         return EXIT_INPUT
+    except (asyncpg.DataError, OverflowError, ValueError) as exc:
+        # Rejected by the driver before it reached the database (e.g. an id
+        # that is not a UUID, a number out of range): still the user's input.
+        print(f"barnum {command}: invalid value: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_INPUT
+    except (OSError, asyncpg.InterfaceError) as exc:
+        print(f"barnum {command}: cannot reach the database: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_FAILURE

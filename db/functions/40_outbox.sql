@@ -104,8 +104,10 @@ LANGUAGE plpgsql
 SET search_path = barnum, pg_temp
 AS $$
 BEGIN
+    -- An event left with no delivery at all (its endpoint was removed) is
+    -- skipped: nobody will ever send it.
     WITH s AS (
-        SELECT d.event_id,
+        SELECT ev.id AS event_id,
                CASE
                  WHEN bool_or(d.status = 'processing') THEN 'processing'
                  WHEN bool_or(d.status = 'pending') THEN 'pending'
@@ -113,11 +115,12 @@ BEGIN
                  WHEN bool_or(d.status = 'sent') THEN 'sent'
                  ELSE 'skipped'
                END AS status,
-               greatest(max(d.attempts) - 1, 0) AS retry_count,
-               (array_agg(d.last_error ORDER BY d.last_error IS NULL, d.id))[1] AS last_error
-          FROM barnum.webhook_deliveries d
-         WHERE d.event_id = ANY (p_event_ids)
-         GROUP BY d.event_id
+               greatest(coalesce(max(d.attempts), 0) - 1, 0) AS retry_count,
+               CASE WHEN count(d.id) = 0 THEN 'no delivery left (endpoint removed)'
+                    ELSE (array_agg(d.last_error ORDER BY d.last_error IS NULL, d.id))[1] END AS last_error
+          FROM unnest(p_event_ids) AS ev(id)
+          LEFT JOIN barnum.webhook_deliveries d ON d.event_id = ev.id
+         GROUP BY ev.id
     ), upd AS (
         UPDATE barnum.whatsapp_events e
            SET status = s.status,
@@ -183,7 +186,10 @@ LANGUAGE sql STABLE
 SET search_path = barnum, pg_temp
 AS $$
     SELECT jsonb_build_object(
-        'id', ep.id, 'name', ep.name, 'url', ep.url, 'has_secret', ep.secret IS NOT NULL,
+        'id', ep.id, 'name', ep.name,
+        -- Credentials embedded in a URL are a secret too.
+        'url', regexp_replace(ep.url, '^(https?://)[^/@]*@', '\1***@'),
+        'has_secret', ep.secret IS NOT NULL,
         'event_types', to_jsonb(ep.event_types), 'is_active', ep.is_active,
         'max_attempts', ep.max_attempts, 'timeout_ms', ep.timeout_ms,
         'created_at', ep.created_at, 'updated_at', ep.updated_at)

@@ -151,7 +151,7 @@ AS $$
               FROM (SELECT status, count(*) AS n FROM barnum.whatsapp_events GROUP BY status) s),
         'endpoints', (
             SELECT coalesce(jsonb_agg(jsonb_build_object(
-                       'name', ep.name, 'url', ep.url, 'is_active', ep.is_active,
+                       'name', ep.name, 'url', (barnum.endpoint_json(ep)) ->> 'url', 'is_active', ep.is_active,
                        'attempts_last_hour', coalesce(h.total, 0),
                        'succeeded_last_hour', coalesce(h.ok, 0),
                        'success_rate_last_hour',
