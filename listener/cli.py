@@ -133,6 +133,26 @@ def _admin_command(name: str, help: str, configure: Callable[[argparse.ArgumentP
     return Command(help=help, configure=_configure, run=_run)
 
 
+# ------------------------------------------------------------------ long-running parts
+
+
+def _service(module: str, help: str) -> Command:
+    """relay / shim / run / dev: their module's add_arguments + main(args, config)."""
+    import importlib
+
+    def _configure(p: argparse.ArgumentParser) -> None:
+        importlib.import_module(f"listener.{module}").add_arguments(p)
+
+    def _run(args: argparse.Namespace) -> int:
+        from listener import config
+
+        mod = importlib.import_module(f"listener.{module}")
+        code: int = mod.main(args, config.load())
+        return code
+
+    return Command(help=help, configure=_configure, run=_run)
+
+
 # ------------------------------------------------------------------ registry
 
 COMMANDS: dict[str, Command] = {
@@ -141,6 +161,10 @@ COMMANDS: dict[str, Command] = {
         configure=_configure_migrate,
         run=_run_migrate,
     ),
+    "relay": _service("relay", "deliver the outbox to webhook endpoints (LISTEN/NOTIFY + sweep)"),
+    "shim": _service("shim", "serve action links and n8n callbacks (uvicorn)"),
+    "run": _service("run", "relay + shim in one process"),
+    "dev": _service("dev", "try it: embedded Postgres, demo clinic, relay + shim, messages printed"),
     "endpoints": _admin_command("endpoints", "manage webhook endpoints (add|list|enable|disable|remove)",
                                 admin.configure_endpoints),
     "dlq": _admin_command("dlq", "list or retry dead letters", admin.configure_dlq),

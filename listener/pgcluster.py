@@ -37,7 +37,7 @@ import tempfile
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -662,3 +662,69 @@ def provision(url: str | None = None) -> PgServer:
         "databases on, install PostgreSQL 15+ server binaries, or run Docker.\n  "
         + "\n  ".join(errors)
     )
+
+
+class EmbeddedServer:
+    """PostgreSQL from the ``pgserver`` wheel (``pip install 'barnum[embedded]'``).
+
+    ``barnum dev``'s fallback when no local server binaries exist.  It works
+    as root (pgserver runs the server as its own ``pgserver`` user) and as a
+    normal user; the data directory is ``<project>/.barnum/pgserver``.
+    """
+
+    can_restart = False
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self._server: Any = None
+
+    @staticmethod
+    def available() -> bool:
+        import importlib.util
+
+        return importlib.util.find_spec("pgserver") is not None
+
+    @property
+    def is_running(self) -> bool:
+        return self._server is not None
+
+    @property
+    def admin_dsn(self) -> str:
+        return self.dsn("postgres")
+
+    def dsn(self, dbname: str = "postgres") -> str:
+        if self._server is None:
+            raise PgClusterError("the embedded server is not started")
+        return str(self._server.get_uri(dbname))
+
+    def start(self) -> None:
+        import importlib
+
+        pgserver: Any = importlib.import_module("pgserver")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # cleanup_mode='stop': the server stops when this process lets go.
+        self._server = pgserver.get_server(self.data_dir, cleanup_mode="stop")
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.cleanup()
+            self._server = None
+
+    def restart(self) -> None:
+        raise PgClusterError("the embedded server cannot be restarted in place")
+
+
+def dev_server(project_dir: Path) -> LocalCluster | EmbeddedServer:
+    """The server of ``barnum dev``: local binaries when present (data in
+    ``.barnum/pgdata``), else the embedded ``pgserver`` package."""
+    try:
+        find_bindir()
+        return LocalCluster.persistent(project_dir)
+    except PgClusterError as exc:
+        if EmbeddedServer.available():
+            return EmbeddedServer(project_dir.resolve() / ".barnum" / "pgserver")
+        raise PgClusterError(
+            f"{exc}; no local PostgreSQL server binaries and the embedded one is not installed: "
+            "install PostgreSQL 15+ (apt-get install postgresql) or run "
+            "`.venv/bin/pip install -e '.[embedded]'`"
+        ) from None

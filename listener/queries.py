@@ -89,3 +89,27 @@ SETTINGS_GET = "SELECT barnum.get_settings()::text"
 
 #: Set one setting ($2 as jsonb text); validated in SQL (BN404/BN422).
 SETTINGS_SET = "SELECT barnum.set_setting($1, $2::jsonb)::text"
+
+# --- barnum dev ---------------------------------------------------------------
+
+#: Seed the demo clinic (a professional, a specialty, a patient) and one
+#: appointment in two days at 10:00 clinic time (outside the 24 h reminder window) — only into an empty database.
+#: Its INSERT fires trg_pre_confirmation like any real booking.  Returns the
+#: appointment id, or NULL when the database already had patients.
+DEMO_SEED = """
+WITH guard AS (
+    SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM barnum.patients)
+), prof AS (
+    INSERT INTO barnum.professionals (name) SELECT 'Dr.ª Maria Santos' FROM guard RETURNING id
+), spec AS (
+    INSERT INTO barnum.specialties (name) SELECT 'Medicina Dentária' FROM guard RETURNING id
+), pat AS (
+    INSERT INTO barnum.patients (name, phone) SELECT 'João Silva', '+351912345678' FROM guard RETURNING id
+)
+INSERT INTO barnum.appointments (patient_id, professional_id, specialty_id, starts_at)
+SELECT pat.id, prof.id, spec.id,
+       ((now() AT TIME ZONE barnum.setting_text('timezone'))::date + 2 + time '10:00')
+           AT TIME ZONE barnum.setting_text('timezone')
+  FROM pat, prof, spec
+RETURNING id
+"""

@@ -1,0 +1,87 @@
+"""``barnum run``: the relay and the shim in one process, one event loop.
+
+The relay owns SIGINT/SIGTERM (it stops claiming and lets in-flight work
+finish within its grace period); its stop also stops the shim.  If either
+part ends on its own (the shim cannot bind its port, the relay loses its
+database for good), the other is stopped too and the exit status says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from listener import logs, relay, shim
+from listener.config import Config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    relay.add_arguments(parser)
+    parser.add_argument("--host", default=None, help="shim address (default: $BARNUM_HOST or 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="shim port (default: $BARNUM_PORT or 8000)")
+
+
+async def run_together(
+    config: Config,
+    options: relay.Options,
+    host: str,
+    port: int,
+    *,
+    on_ready: Callable[[], Awaitable[None]] | None = None,
+) -> int:
+    """Serve the shim and run the relay until a signal (or one of them ends)."""
+    stop = asyncio.Event()
+    ready = asyncio.Event()
+    the_relay = relay.Relay(config, options)
+    the_relay.on_signal = lambda _signum: stop.set()
+    app = shim.create_app(config)
+
+    shim_task = asyncio.create_task(shim.serve(app, host, port, ready, stop=stop))
+    ready_task = asyncio.create_task(ready.wait())
+    first: list[asyncio.Task[Any]] = [shim_task, ready_task]
+    done, _ = await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+    if shim_task in done:  # it never listened
+        ready_task.cancel()
+        try:
+            shim_task.result()
+        except shim.ShimStartError as exc:
+            print(f"barnum run: {exc}", file=sys.stderr)
+        return 1
+    if on_ready is not None:
+        await on_ready()
+
+    relay_task = asyncio.create_task(the_relay.run())
+    both: list[asyncio.Task[Any]] = [shim_task, relay_task]
+    done, _ = await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if relay_task not in done:  # the shim ended first: stop the relay too
+        the_relay.request_stop()
+        code = 1
+    stop.set()
+    relay_code = await relay_task
+    with contextlib.suppress(shim.ShimStartError):
+        await shim_task
+    return code or relay_code
+
+
+def main(args: argparse.Namespace, config: Config) -> int:
+    config.require("DATABASE_URL", "WEBHOOK_SECRET")
+    logs.setup(config.log_level)
+    host = args.host or config.host
+    port = args.port if args.port is not None else config.port
+    options = relay.Options.from_args(args)
+    with event_loop_runner() as runner:
+        return runner.run(run_together(config, options, host, port))
+
+
+def event_loop_runner() -> asyncio.Runner:
+    """An asyncio runner on uvloop (shipped with uvicorn[standard])."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        return asyncio.Runner()
+    return asyncio.Runner(loop_factory=uvloop.new_event_loop)
