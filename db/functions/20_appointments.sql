@@ -4,7 +4,6 @@
 -- Is the patient reachable on WhatsApp?  NULL when yes, else why not.
 CREATE OR REPLACE FUNCTION barnum.patient_block_reason(p_patient_id uuid) RETURNS text
 LANGUAGE sql STABLE
-SET search_path = barnum, pg_temp
 AS $$
     SELECT CASE
         WHEN p.id IS NULL THEN 'patient not found'
@@ -22,7 +21,6 @@ CREATE OR REPLACE FUNCTION barnum.transition_allowed(
     p_from barnum.appointment_status, p_to barnum.appointment_status, p_moved boolean)
 RETURNS boolean
 LANGUAGE sql IMMUTABLE
-SET search_path = barnum, pg_temp
 AS $$
     SELECT p_from = p_to AND (NOT p_moved OR p_from IN ('scheduled', 'pre_confirmed', 'confirmed'))
         OR (p_to = 'scheduled' AND p_moved)
@@ -34,7 +32,6 @@ $$;
 
 CREATE OR REPLACE FUNCTION barnum.appointments_transition_trg() RETURNS trigger
 LANGUAGE plpgsql
-SET search_path = barnum, pg_temp
 AS $$
 DECLARE
     moved boolean := NEW.starts_at IS DISTINCT FROM OLD.starts_at;
@@ -59,7 +56,6 @@ CREATE OR REPLACE TRIGGER trg_appointment_transition
 
 CREATE OR REPLACE FUNCTION barnum.touch_updated_at_trg() RETURNS trigger
 LANGUAGE plpgsql
-SET search_path = barnum, pg_temp
 AS $$
 BEGIN
     NEW.updated_at := now();
@@ -84,7 +80,6 @@ CREATE OR REPLACE FUNCTION barnum.open_workflow(
     p_type text, p_appointment_id uuid, p_patient_id uuid, p_metadata jsonb DEFAULT '{}')
 RETURNS uuid
 LANGUAGE plpgsql
-SET search_path = barnum, pg_temp
 AS $$
 DECLARE
     reason text := barnum.patient_block_reason(p_patient_id);
@@ -121,7 +116,6 @@ CREATE OR REPLACE FUNCTION barnum.close_workflows(
     p_appointment_id uuid, p_status text, p_reason text, p_types text[] DEFAULT NULL)
 RETURNS int
 LANGUAGE plpgsql
-SET search_path = barnum, pg_temp
 AS $$
 DECLARE
     n int;
@@ -142,7 +136,6 @@ CREATE OR REPLACE FUNCTION barnum.complete_workflow(
     p_appointment_id uuid, p_types text[], p_response text, p_metadata jsonb DEFAULT '{}')
 RETURNS uuid
 LANGUAGE plpgsql
-SET search_path = barnum, pg_temp
 AS $$
 DECLARE
     wf uuid;

@@ -4,7 +4,6 @@
 
 CREATE OR REPLACE FUNCTION barnum.token_hash(p_token text) RETURNS bytea
 LANGUAGE sql IMMUTABLE
-SET search_path = barnum, pg_temp
 AS $$ SELECT pg_catalog.sha256(convert_to(p_token, 'UTF8')) $$;
 
 -- Mint a token: 32 random bytes, base64url without padding (43 characters).
@@ -13,7 +12,6 @@ CREATE OR REPLACE FUNCTION barnum.mint_token(
     p_workflow_id uuid, p_metadata jsonb, p_expires_at timestamptz)
 RETURNS text
 LANGUAGE plpgsql
-SET search_path = barnum, pg_temp
 AS $$
 DECLARE
     tok text := rtrim(translate(encode(barnum.random_bytes(32), 'base64'), E'+/\n', '-_'), '=');

@@ -44,7 +44,6 @@ $$;
 -- empty: the relay claims from the table, the notification only says "look".
 CREATE OR REPLACE FUNCTION barnum.wake_relays() RETURNS void
 LANGUAGE sql
-SET search_path = barnum, pg_temp
 AS $$ SELECT pg_notify('barnum_events', '') $$;
 
 -- Fan-out, set-based per INSERT statement: one delivery per active endpoint
@@ -101,7 +100,6 @@ CREATE OR REPLACE TRIGGER trg_events_fanout
 -- every function that changes delivery states, for the events it touched.
 CREATE OR REPLACE FUNCTION barnum.refresh_events(p_event_ids uuid[]) RETURNS void
 LANGUAGE plpgsql
-SET search_path = barnum, pg_temp
 AS $$
 BEGIN
     -- An event left with no delivery at all (its endpoint was removed) is
@@ -148,7 +146,6 @@ $$;
 -- ------------------------------------------------------------ endpoints
 CREATE OR REPLACE FUNCTION barnum.check_endpoint_url(p_url text) RETURNS text
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = barnum, pg_temp
 AS $$
 BEGIN
     IF p_url IS NULL OR p_url !~ '^https?://[^[:space:]/?#]+' OR p_url ~ '[[:space:]]' THEN
@@ -183,7 +180,6 @@ $$;
 -- through this path, only whether one is set.
 CREATE OR REPLACE FUNCTION barnum.endpoint_json(ep barnum.webhook_endpoints) RETURNS jsonb
 LANGUAGE sql STABLE
-SET search_path = barnum, pg_temp
 AS $$
     SELECT jsonb_build_object(
         'id', ep.id, 'name', ep.name,

@@ -5,7 +5,6 @@
 -- An appointment as payloads and pages show it, times in the clinic's zone.
 CREATE OR REPLACE FUNCTION barnum.appointment_json(a barnum.appointments, p_tz text) RETURNS jsonb
 LANGUAGE sql STABLE
-SET search_path = barnum, pg_temp
 AS $$
     SELECT jsonb_build_object(
         'id', a.id,
@@ -24,7 +23,6 @@ $$;
 -- Which links each event type offers the patient.
 CREATE OR REPLACE FUNCTION barnum.event_link_types(p_event_type text) RETURNS text[]
 LANGUAGE sql IMMUTABLE
-SET search_path = barnum, pg_temp
 AS $$
     SELECT CASE p_event_type
         WHEN 'appointment.pre_confirmed' THEN ARRAY['confirm', 'cancel', 'reschedule']
@@ -41,7 +39,6 @@ CREATE OR REPLACE FUNCTION barnum.appointment_event_stale(
     p_event_type text, a barnum.appointments, w barnum.whatsapp_workflows, p_now timestamptz)
 RETURNS text
 LANGUAGE sql STABLE
-SET search_path = barnum, pg_temp
 AS $$
     SELECT CASE
         WHEN p_event_type IN ('appointment.pre_confirmed', 'appointment.reminder')
@@ -67,7 +64,6 @@ CREATE OR REPLACE FUNCTION barnum.render_event(
     e barnum.whatsapp_events, p_tz text, p_base text, p_ttl interval, p_now timestamptz,
     OUT payload jsonb, OUT skip_reason text)
 LANGUAGE plpgsql
-SET search_path = barnum, pg_temp
 AS $$
 DECLARE
     a barnum.appointments;

@@ -6,7 +6,6 @@
 -- the public_base_url setting.
 CREATE OR REPLACE FUNCTION barnum.public_base_url() RETURNS text
 LANGUAGE sql STABLE
-SET search_path = barnum, pg_temp
 AS $$
     SELECT rtrim(coalesce(nullif(current_setting('barnum.public_base_url', true), ''),
                           barnum.setting_text('public_base_url')), '/')
@@ -148,7 +147,6 @@ $$;
 CREATE OR REPLACE FUNCTION barnum.backoff_interval(p_attempt int, p_base int, p_cap int)
 RETURNS interval
 LANGUAGE sql VOLATILE
-SET search_path = barnum, pg_temp
 AS $$
     SELECT make_interval(secs =>
         least(p_base * power(2, least(greatest(p_attempt, 1) - 1, 30)) * (0.8 + random() * 0.4), p_cap))

@@ -5,7 +5,6 @@
 -- shim renders the error page in the patient's language without a second query.
 CREATE OR REPLACE FUNCTION barnum.action_fail(p_code text, p_message text) RETURNS void
 LANGUAGE sql
-SET search_path = barnum, pg_temp
 AS $$
     SELECT barnum.fail(p_code, p_message,
                        jsonb_build_object('locale', barnum.setting_text('locale'))::text)
@@ -16,7 +15,6 @@ CREATE OR REPLACE FUNCTION barnum.action_blocked_reason(
     p_type text, a barnum.appointments, p_now timestamptz)
 RETURNS text
 LANGUAGE sql STABLE
-SET search_path = barnum, pg_temp
 AS $$
     SELECT CASE
         WHEN p_type = 'reschedule' AND a.status IN ('cancelled', 'completed')
@@ -32,7 +30,6 @@ $$;
 CREATE OR REPLACE FUNCTION barnum.usable_token(p_token text, p_lock boolean)
 RETURNS barnum.whatsapp_action_tokens
 LANGUAGE plpgsql
-SET search_path = barnum, pg_temp
 AS $$
 DECLARE
     t barnum.whatsapp_action_tokens;
@@ -142,7 +139,6 @@ CREATE OR REPLACE FUNCTION barnum.open_reschedule_request(
     a barnum.appointments, p_source text, p_requested timestamptz DEFAULT NULL)
 RETURNS uuid
 LANGUAGE plpgsql
-SET search_path = barnum, pg_temp
 AS $$
 DECLARE
     rr uuid;

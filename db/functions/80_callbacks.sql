@@ -6,7 +6,6 @@
 -- Required/optional field readers.  They name the field in the message.
 CREATE OR REPLACE FUNCTION barnum.cb_uuid(p_body jsonb, p_field text) RETURNS uuid
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = barnum, pg_temp
 AS $$
 DECLARE
     v jsonb := p_body -> p_field;
@@ -24,7 +23,6 @@ $$;
 CREATE OR REPLACE FUNCTION barnum.cb_text(p_body jsonb, p_field text, p_required boolean, p_max int DEFAULT 500)
 RETURNS text
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = barnum, pg_temp
 AS $$
 DECLARE
     v jsonb := p_body -> p_field;
@@ -48,7 +46,6 @@ $$;
 CREATE OR REPLACE FUNCTION barnum.cb_int(p_body jsonb, p_field text, p_required boolean, p_min int, p_max int)
 RETURNS int
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = barnum, pg_temp
 AS $$
 DECLARE
     v jsonb := p_body -> p_field;
@@ -68,7 +65,6 @@ $$;
 
 CREATE OR REPLACE FUNCTION barnum.cb_bool(p_body jsonb, p_field text) RETURNS boolean
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = barnum, pg_temp
 AS $$
 DECLARE
     v jsonb := p_body -> p_field;
@@ -86,7 +82,6 @@ $$;
 -- The appointment named by appointmentId, locked for the change.
 CREATE OR REPLACE FUNCTION barnum.cb_appointment(p_body jsonb) RETURNS barnum.appointments
 LANGUAGE plpgsql
-SET search_path = barnum, pg_temp
 AS $$
 DECLARE
     a barnum.appointments;
@@ -104,7 +99,6 @@ $$;
 -- dates, and wall-clock times that do not exist (the spring-forward gap).
 CREATE OR REPLACE FUNCTION barnum.cb_local_instant(p_date text, p_time text, p_tz text) RETURNS timestamptz
 LANGUAGE plpgsql STABLE
-SET search_path = barnum, pg_temp
 AS $$
 DECLARE
     d date;
@@ -136,13 +130,11 @@ $$;
 
 CREATE OR REPLACE FUNCTION barnum.cb_ok(p_message text, p_data jsonb) RETURNS jsonb
 LANGUAGE sql IMMUTABLE
-SET search_path = barnum, pg_temp
 AS $$ SELECT jsonb_build_object('success', true, 'message', p_message, 'data', p_data) $$;
 
 -- ------------------------------------------------------------ the six actions
 CREATE OR REPLACE FUNCTION barnum.cb_confirm(p_body jsonb, p_tz text) RETURNS jsonb
 LANGUAGE plpgsql
-SET search_path = barnum, pg_temp
 AS $$
 DECLARE
     a barnum.appointments := barnum.cb_appointment(p_body);
@@ -165,7 +157,6 @@ $$;
 
 CREATE OR REPLACE FUNCTION barnum.cb_cancel(p_body jsonb, p_tz text) RETURNS jsonb
 LANGUAGE plpgsql
-SET search_path = barnum, pg_temp
 AS $$
 DECLARE
     a barnum.appointments := barnum.cb_appointment(p_body);
@@ -186,7 +177,6 @@ $$;
 
 CREATE OR REPLACE FUNCTION barnum.cb_reschedule(p_body jsonb, p_tz text) RETURNS jsonb
 LANGUAGE plpgsql
-SET search_path = barnum, pg_temp
 AS $$
 DECLARE
     a barnum.appointments := barnum.cb_appointment(p_body);
@@ -215,7 +205,6 @@ $$;
 
 CREATE OR REPLACE FUNCTION barnum.cb_no_show_reschedule(p_body jsonb, p_tz text) RETURNS jsonb
 LANGUAGE plpgsql
-SET search_path = barnum, pg_temp
 AS $$
 DECLARE
     a barnum.appointments := barnum.cb_appointment(p_body);
@@ -242,7 +231,6 @@ $$;
 
 CREATE OR REPLACE FUNCTION barnum.cb_reactivation(p_body jsonb) RETURNS jsonb
 LANGUAGE plpgsql
-SET search_path = barnum, pg_temp
 AS $$
 DECLARE
     pid uuid := barnum.cb_uuid(p_body, 'patientId');
@@ -276,7 +264,6 @@ $$;
 
 CREATE OR REPLACE FUNCTION barnum.cb_review(p_body jsonb, p_tz text) RETURNS jsonb
 LANGUAGE plpgsql
-SET search_path = barnum, pg_temp
 AS $$
 DECLARE
     a barnum.appointments := barnum.cb_appointment(p_body);

@@ -6,7 +6,6 @@
 -- or the operator explicitly allows plain http.
 CREATE OR REPLACE FUNCTION barnum.check_receiver_url(p_url text, p_allow_http boolean) RETURNS text
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = barnum, pg_temp
 AS $$
 DECLARE
     host text;
