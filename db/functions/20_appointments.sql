@@ -173,7 +173,7 @@ BEGIN
     wf := barnum.open_workflow('pre_confirmation', NEW.id, NEW.patient_id,
                                jsonb_build_object('starts_at', NEW.starts_at));
     IF wf IS NOT NULL THEN
-        PERFORM barnum.create_whatsapp_event('appointment.pre_confirmed', 'appointment', NEW.id, wf, barnum.clock());
+        PERFORM barnum.emit_event('appointment.pre_confirmed', 'appointment', NEW.id, wf, barnum.clock());
     END IF;
     RETURN NULL;
 END
@@ -194,7 +194,7 @@ BEGIN
     PERFORM barnum.close_workflows(NEW.id, 'cancelled', 'no show', ARRAY['pre_confirmation', 'reminder']);
     wf := barnum.open_workflow('reschedule_prompt', NEW.id, NEW.patient_id);
     IF wf IS NOT NULL THEN
-        PERFORM barnum.create_whatsapp_event('appointment.no_show', 'appointment', NEW.id, wf,
+        PERFORM barnum.emit_event('appointment.no_show', 'appointment', NEW.id, wf,
                                              barnum.clock() + barnum.setting_interval('no_show_delay'));
     END IF;
     RETURN NULL;
@@ -219,7 +219,7 @@ BEGIN
     PERFORM barnum.close_workflows(NEW.id, 'completed', 'visit completed', ARRAY['pre_confirmation', 'reminder']);
     wf := barnum.open_workflow('review_request', NEW.id, NEW.patient_id);
     IF wf IS NOT NULL THEN
-        PERFORM barnum.create_whatsapp_event('appointment.completed', 'appointment', NEW.id, wf,
+        PERFORM barnum.emit_event('appointment.completed', 'appointment', NEW.id, wf,
                                              barnum.clock() + barnum.setting_interval('review_delay'));
     END IF;
     RETURN NULL;
@@ -252,7 +252,7 @@ BEGIN
         ev := 'appointment.cancelled';
     END IF;
     IF ev IS NOT NULL AND reachable THEN
-        PERFORM barnum.create_whatsapp_event(ev, 'appointment', NEW.id, NULL, barnum.clock());
+        PERFORM barnum.emit_event(ev, 'appointment', NEW.id, NULL, barnum.clock());
     END IF;
     RETURN NULL;
 END

@@ -152,7 +152,7 @@ BEGIN
     VALUES (a.id, a.patient_id, p_source, p_requested)
     RETURNING id INTO rr;
     IF barnum.patient_block_reason(a.patient_id) IS NULL THEN
-        PERFORM barnum.create_whatsapp_event('appointment.reschedule_requested', 'appointment', a.id, NULL, barnum.clock());
+        PERFORM barnum.emit_event('appointment.reschedule_requested', 'appointment', a.id, NULL, barnum.clock());
     END IF;
     RETURN rr;
 END

@@ -41,7 +41,7 @@ BEGIN
         PERFORM barnum.close_workflows(a.id, 'cancelled', 'appointment rescheduled', ARRAY['reminder']);
         wf := barnum.open_workflow('reminder', a.id, a.patient_id, jsonb_build_object('starts_at', a.starts_at));
         IF wf IS NOT NULL THEN
-            PERFORM barnum.create_whatsapp_event('appointment.reminder', 'appointment', a.id, wf, v_now);
+            PERFORM barnum.emit_event('appointment.reminder', 'appointment', a.id, wf, v_now);
             n_reminders := n_reminders + 1;
         END IF;
     END LOOP;
@@ -65,7 +65,7 @@ BEGIN
         wf := barnum.open_workflow('reactivation', NULL, a.id,
                                    jsonb_build_object('workflowType', 'reactivation'));
         IF wf IS NOT NULL THEN
-            PERFORM barnum.create_whatsapp_event('patient.reactivation', 'patient', a.id, wf, v_now);
+            PERFORM barnum.emit_event('patient.reactivation', 'patient', a.id, wf, v_now);
             n_reactivations := n_reactivations + 1;
         END IF;
     END LOOP;
