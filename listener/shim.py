@@ -47,9 +47,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from listener import logs, pages, queries
+from listener import logs, metrics, pages, queries
 from listener.config import Config, ConfigError
-from listener.db import barnum_error, migration_versions
+from listener.db import barnum_error, create_pool, migration_versions
 from listener.signing import verify_hex, verify_standard
 
 log = logging.getLogger("barnum.shim")
@@ -226,12 +226,14 @@ class _Shim:
         path_type: str | None = request.path_params.get("kind")
         kind = path_type or request.query_params.get("type") or ""
         response = await self._action(request, path_type)
+        label = kind if kind in ACTION_TYPES else "invalid"
+        metrics.ACTIONS.labels(type=label, method=request.method, status=str(response.status_code)).inc()
         logs.log(
             log,
             logging.INFO if response.status_code < 500 else logging.ERROR,
             "action link",
             method=request.method,
-            type=kind if kind in ACTION_TYPES else "invalid",
+            type=label,
             status=response.status_code,
             ms=round((time.perf_counter() - started) * 1000, 2),
         )
@@ -308,6 +310,7 @@ class _Shim:
         async def endpoint(request: Request) -> Response:
             started = time.perf_counter()
             response, label = await self._webhook(request, action)
+            metrics.CALLBACKS.labels(action=label, status=str(response.status_code)).inc()
             logs.log(
                 log,
                 logging.INFO if response.status_code < 500 else logging.ERROR,
@@ -346,6 +349,7 @@ class _Shim:
 
         # 3. Signature over the exact bytes (constant-time, any accepted secret).
         if not self.signature_ok(request, body):
+            metrics.SIGNATURE_FAILURES.inc()
             return json_error(401, "missing or invalid webhook signature"), label
 
         # 4. JSON syntax (the values are SQL's business).
@@ -430,6 +434,18 @@ class _Shim:
             ms=round((time.perf_counter() - started) * 1000, 2),
         )
         return json_response(200, json.dumps(doc, default=str, ensure_ascii=False).encode("utf-8"))
+
+    async def prometheus(self, request: Request) -> Response:
+        """Prometheus text: this process's counters plus the queue gauges
+        (refreshed from queue_stats() now; stale values if the DB is down)."""
+        try:
+            stats = await asyncio.wait_for(self.fetch_text(queries.QUEUE_STATS, timeout=READY_TIMEOUT),
+                                           READY_TIMEOUT)
+            if isinstance(stats, str):
+                metrics.set_queue_gauges(json.loads(stats))
+        except Exception as exc:  # noqa: BLE001 - metrics must not fail the scrape
+            logs.log(log, logging.WARNING, "metrics: queue stats unavailable", **_error_fields(exc))
+        return Response(metrics.render(), media_type=metrics.CONTENT_TYPE)
 
     async def healthz(self, request: Request) -> Response:
         return json_response(200, {"status": "ok"})
@@ -526,26 +542,6 @@ async def read_limited(request: Request, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
-async def _keep_session(con: Any) -> None:
-    """Pool reset hook: nothing to undo.  asyncpg's default reset sends
-    ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`` on every
-    release — a second round trip per request.  The shim's statements are
-    single autocommit calls that leave no session state (asyncpg still rolls
-    back a transaction left open, before this hook)."""
-
-
-async def create_shim_pool(dsn: str, *, public_url: str | None, min_size: int, max_size: int) -> Any:
-    """:func:`listener.db.create_pool`'s pool (same session settings) without
-    the per-release reset query."""
-    settings = {"application_name": "barnum-shim"}
-    if public_url:
-        settings["barnum.public_base_url"] = public_url
-    return await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, server_settings=settings,
-        statement_cache_size=100, reset=_keep_session,
-    )
-
-
 async def open_pool(config: Config) -> Any:
     """The shim's asyncpg pool.  If the database is unreachable at start the
     shim still starts (``/readyz`` answers 503) with a pool that connects on
@@ -553,15 +549,15 @@ async def open_pool(config: Config) -> Any:
     if not config.database_url:
         raise ConfigError("DATABASE_URL is not set (see README: Configuration)")
     try:
-        return await create_shim_pool(config.database_url, public_url=config.public_url,
-                                      min_size=POOL_MIN, max_size=POOL_MAX)
+        return await create_pool(config.database_url, public_url=config.public_url,
+                                 min_size=POOL_MIN, max_size=POOL_MAX, application_name="barnum-shim")
     except Exception as exc:
         if not is_unavailable(exc):
             raise
         logs.log(log, logging.WARNING, "database unreachable at start; serving, /readyz reports 503",
                  **_error_fields(exc))
-        return await create_shim_pool(config.database_url, public_url=config.public_url,
-                                      min_size=0, max_size=POOL_MAX)
+        return await create_pool(config.database_url, public_url=config.public_url,
+                                 min_size=0, max_size=POOL_MAX, application_name="barnum-shim")
 
 
 def default_relay_pass(shim: _Shim) -> RelayPass:
@@ -606,6 +602,7 @@ def create_app(config: Config, pool: Any = None, relay_pass: RelayPass | None = 
         Route("/healthz", shim.healthz, methods=["GET"]),
         Route("/readyz", shim.readyz, methods=["GET"]),
         Route("/openapi.json", shim.openapi, methods=["GET"]),
+        Route("/metrics", shim.prometheus, methods=["GET"]),
     ]
     app = Starlette(
         routes=routes,
