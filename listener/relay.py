@@ -1,0 +1,881 @@
+"""The relay: outbox → signed webhooks (SPEC §2.4, §3, §7).
+
+One process runs one :class:`Relay`:
+
+* a small asyncpg pool claims due deliveries (``claim_deliveries_text``:
+  the payload arrives as text and is signed and sent as those exact bytes) and
+  reports each batch's outcomes with one ``record_attempts`` call;
+* one dedicated connection ``LISTEN``s on ``barnum_events``
+  (``LISTEN_DATABASE_URL`` if set): a notification wakes the delivery loop;
+* a timer set to ``next_due_at()`` wakes it for delayed work and retries;
+* a sweep every ``--sweep-interval`` seconds checks the LISTEN connection
+  (a silently dead listener is the classic failure of this design), reconnects
+  it with capped exponential backoff, calls ``tick()`` and wakes the loop.
+
+Draining: claim up to ``--batch`` rows, POST them concurrently (at most
+``--concurrency`` requests in flight per process), record, and go on while
+batches come back full — with ``--batches-in-flight`` (default 2) lanes doing
+this side by side so one lane's claim/record round trips hide behind the
+other's HTTP work.
+
+Shutdown (SIGTERM/SIGINT): stop claiming, let in-flight requests finish
+within ``--grace`` seconds, record what finished, ``release_deliveries`` the
+rest, exit 0.  A SIGKILL loses nothing: the leases expire and another relay
+(or this one, restarted) reclaims the rows; ``attempt`` fences late results.
+
+Logs: one JSON line per delivery (event, endpoint, status, duration, attempt)
+— never a secret, a payload (it holds action tokens) or a URL's query.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets as _secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import asyncpg
+
+from listener import logs, queries
+from listener.config import Config, ConfigError, load
+from listener.db import barnum_error, create_pool
+from listener.signing import outbound_headers, parse_secrets
+from listener.transport import FINAL_ERROR_PREFIX, HttpResult, Transport
+
+log = logging.getLogger("barnum.relay")
+
+#: The NOTIFY channel outbox inserts wake us on.
+CHANNEL = "barnum_events"
+#: Upper bound of one database round trip before we call the connection bad.
+DB_TIMEOUT = 30.0
+#: Reconnect / retry backoff: first wait and cap (seconds).
+BACKOFF_FIRST = 0.1
+BACKOFF_CAP = 5.0
+#: When due work exists but could not be claimed (another relay holds the
+#: rows), look again after this long instead of spinning.
+BUSY_RETRY = 0.05
+#: At most this many error strings in a summary.
+MAX_SUMMARY_ERRORS = 50
+
+
+# ---------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class Options:
+    concurrency: int = 32
+    batch: int = 50
+    sweep_interval: float = 5.0
+    grace: float = 10.0
+    lease: float = 60.0
+    batches_in_flight: int = 2
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Options:
+        return cls(
+            concurrency=args.concurrency,
+            batch=args.batch,
+            sweep_interval=args.sweep_interval,
+            grace=args.grace,
+            lease=args.lease,
+            batches_in_flight=getattr(args, "batches_in_flight", 2),
+        )
+
+
+def _bounded(kind: type[int] | type[float], low: float, high: float) -> Callable[[str], Any]:
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g}, got {text}")
+        return value
+
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``barnum relay``."""
+    parser.add_argument("--once", action="store_true",
+                        help="process everything due, print a JSON summary and exit")
+    parser.add_argument("--concurrency", type=_bounded(int, 1, 10000), default=32,
+                        help="HTTP requests in flight per process (default 32)")
+    parser.add_argument("--batch", type=_bounded(int, 1, 10000), default=50,
+                        help="deliveries claimed per round trip (default 50)")
+    parser.add_argument("--sweep-interval", type=_bounded(float, 0.05, 86400), default=5.0,
+                        metavar="SECONDS",
+                        help="seconds between sweeps: tick() and a LISTEN health check (default 5)")
+    parser.add_argument("--grace", type=_bounded(float, 0, 3600), default=10.0, metavar="SECONDS",
+                        help="on SIGTERM/SIGINT, seconds to let in-flight requests finish (default 10)")
+    parser.add_argument("--lease", type=_bounded(float, 1, 3600), default=60.0, metavar="SECONDS",
+                        help="claim lease; a crashed relay's rows are reclaimed after it (default 60)")
+    parser.add_argument("--batches-in-flight", type=_bounded(int, 1, 16), default=2, metavar="N",
+                        help="batches processed side by side to hide claim/record round trips (default 2)")
+    parser.add_argument("--processes", type=_bounded(int, 1, 256), default=1,
+                        help="relay processes to run (one per core uses a multi-core box; default 1)")
+    parser.add_argument("--metrics-port", type=_bounded(int, 0, 65535), default=None,
+                        help="(reserved) serve Prometheus metrics on this port")
+
+
+# ---------------------------------------------------------------- summary
+
+
+@dataclass
+class Stats:
+    """What one pass (or a whole run) did."""
+
+    claimed: int = 0
+    delivered: int = 0
+    retried: int = 0  # retryable failures (the SQL dead-letters the last one)
+    dead: int = 0  # final failures (non-retryable status or error)
+    skipped: int = 0  # results record_attempts ignored: the claim was lost (fencing)
+    errors: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+    def error(self, text: str) -> None:
+        if len(self.errors) < MAX_SUMMARY_ERRORS:
+            self.errors.append(text)
+
+    @property
+    def failed(self) -> int:
+        return self.retried + self.dead
+
+    def summary(self) -> dict[str, Any]:
+        """The ``--once`` summary."""
+        return {
+            "success": True,
+            "claimed": self.claimed,
+            "delivered": self.delivered,
+            "retried": self.retried,
+            "dead": self.dead,
+            "skipped": self.skipped,
+            "duration": round(time.monotonic() - self.started, 3),
+            "errors": list(self.errors),
+        }
+
+    def seed_summary(self) -> dict[str, Any]:
+        """The seed's cron response: ``{success, processed, failed, errors}``."""
+        return {
+            "success": True,
+            "processed": self.delivered,
+            "failed": self.failed,
+            "errors": list(self.errors),
+        }
+
+
+def worker_name() -> str:
+    """Unique per process: ``hostname:pid:random``."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_secrets.token_hex(3)}"
+
+
+def _backoff(failures: int) -> float:
+    return float(min(BACKOFF_CAP, BACKOFF_FIRST * (2 ** max(failures - 1, 0))))
+
+
+def _describe(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+# ---------------------------------------------------------------- delivery
+
+
+class Deliverer:
+    """Claims batches, POSTs them, records the outcomes.
+
+    Shared by the long-running :class:`Relay`, ``--once`` and the shim's
+    in-process ``POST /api/internal`` (:func:`run_once`).
+    """
+
+    def __init__(
+        self,
+        pool: Any,
+        transport: Transport,
+        config: Config,
+        worker: str,
+        *,
+        batch: int = 50,
+        concurrency: int = 32,
+        lease: float = 60.0,
+        batches_in_flight: int = 2,
+    ) -> None:
+        self.pool = pool
+        self.transport = transport
+        self.worker = worker
+        self.batch = batch
+        self.batches_in_flight = max(1, batches_in_flight)
+        self.lease_seconds = lease
+        self.lease = timedelta(seconds=lease)
+        self.default_key = config.signing_key
+        self.semaphore = asyncio.Semaphore(concurrency)
+        self.stats = Stats()
+        #: Set when no new batch may be claimed (shutdown).
+        self.stopping = False
+        #: Set when in-flight requests must be abandoned (grace period over).
+        self.abort = asyncio.Event()
+        self._keys: dict[str, bytes | None] = {}
+        self._recording: set[asyncio.Task[None]] = set()
+        self._record_slots = asyncio.Semaphore(self.batches_in_flight + 1)
+        #: Called after a batch with failures was recorded (new due times).
+        self.on_recorded: Callable[[], None] | None = None
+
+    # -- one pass --------------------------------------------------------
+
+    async def drain(self) -> int:
+        """Claim and deliver until a batch comes back short; rows claimed."""
+        if self.stopping:
+            return 0
+        first = await self.claim()
+        if len(first) < self.batch or self.batches_in_flight == 1:
+            return await self._lane(first)
+        lanes = [self._lane(first)] + [self._lane(None) for _ in range(self.batches_in_flight - 1)]
+        outcomes = await asyncio.gather(*lanes, return_exceptions=True)
+        total = 0
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            total += outcome
+        return total
+
+    async def _lane(self, rows: list[Any] | None) -> int:
+        total = 0
+        while True:
+            if rows is None:
+                if self.stopping:
+                    break
+                rows = await self.claim()
+            total += len(rows)
+            if rows:
+                await self.process(rows)
+            if len(rows) < self.batch or self.stopping:
+                break
+            rows = None
+        return total
+
+    async def claim(self) -> list[Any]:
+        rows: list[Any] = await self.pool.fetch(
+            queries.CLAIM_DELIVERIES, self.worker, self.batch, self.lease, timeout=DB_TIMEOUT
+        )
+        self.stats.claimed += len(rows)
+        return rows
+
+    async def process(self, rows: list[Any]) -> None:
+        """Deliver one claimed batch concurrently and record it in one call."""
+        tasks = [asyncio.ensure_future(self._deliver(row)) for row in rows]
+        all_done = asyncio.ensure_future(asyncio.wait(tasks))
+        aborted = asyncio.ensure_future(self.abort.wait())
+        try:
+            await asyncio.wait({all_done, aborted}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            aborted.cancel()
+            if not all_done.done():
+                # Grace period over: abandon what is still in flight; those
+                # rows are handed back by release_deliveries.
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                all_done.cancel()
+        results: list[dict[str, Any]] = []
+        for t in tasks:
+            if not t.done() or t.cancelled():
+                continue
+            exc = t.exception()
+            if exc is not None:
+                logs.log(log, logging.ERROR, "delivery task failed", error=_describe(exc))
+                continue
+            outcome = t.result()
+            if outcome is not None:
+                results.append(outcome)
+        if not results:
+            return
+        # Record in the background: the next claim need not wait for this
+        # commit.  A bounded number of records may be outstanding (back
+        # pressure when the database is slow); shutdown waits for them all
+        # (flush) before releasing leftovers.
+        await self._record_slots.acquire()
+        recording = asyncio.create_task(self._record_in_background(results))
+        self._recording.add(recording)
+        recording.add_done_callback(self._recording.discard)
+
+    async def _record_in_background(self, results: list[dict[str, Any]]) -> None:
+        try:
+            await self.record(results)
+        finally:
+            self._record_slots.release()
+        if self.on_recorded is not None and not all(r["ok"] for r in results):
+            # Retries got new due times: the relay's timer must look again.
+            self.on_recorded()
+
+    async def flush(self) -> None:
+        """Wait until every outstanding record_attempts call has finished."""
+        while self._recording:
+            await asyncio.gather(*list(self._recording), return_exceptions=True)
+
+    def _key(self, secret: str | None) -> bytes | None:
+        if not secret:
+            return self.default_key
+        try:
+            return self._keys[secret]
+        except KeyError:
+            pass
+        try:
+            key: bytes | None = parse_secrets(secret)[0]
+        except ValueError:
+            key = None
+        self._keys[secret] = key
+        return key
+
+    async def _deliver(self, row: Any) -> dict[str, Any] | None:
+        event_id = str(row["event_id"])
+        key = self._key(row["secret"])
+        if key is None:
+            result = HttpResult(None, None, None,
+                                FINAL_ERROR_PREFIX + "the endpoint's secret is not valid (whsec_ needs base64)", 0)
+        else:
+            body = row["payload"].encode()
+            headers = outbound_headers(
+                key, body, event_id=event_id, event_type=row["event_type"],
+                idempotency_key=row["idempotency_key"],
+            )
+            async with self.semaphore:
+                if self.stopping:
+                    # Shutting down: a request not yet started is not in
+                    # flight; release_deliveries hands the row back.
+                    return None
+                result = await self.transport.post(row["url"], body, headers, row["timeout_ms"])
+        ok = result.ok
+        retryable = (not ok) and result.retryable
+        if ok:
+            self.stats.delivered += 1
+            outcome = "delivered"
+        elif retryable:
+            self.stats.retried += 1
+            outcome = "retryable_failure"
+        else:
+            self.stats.dead += 1
+            outcome = "final_failure"
+        error = result.error
+        if not ok:
+            reason = error or f"HTTP {result.status}"
+            self.stats.error(f"event {event_id} to endpoint {row['endpoint_id']}: {reason}"
+                             + (" (retryable)" if retryable else " (final)"))
+        logs.log(
+            log, logging.INFO, "delivery",
+            event_id=event_id, endpoint_id=str(row["endpoint_id"]), delivery_id=row["delivery_id"],
+            attempt=row["attempt"], status=outcome, http_status=result.status,
+            duration_ms=result.duration_ms, **({"error": error} if error else {}),
+        )
+        return {
+            "delivery_id": row["delivery_id"],
+            "attempt": row["attempt"],
+            "ok": ok,
+            "retryable": retryable,
+            "http_status": result.status,
+            "duration_ms": result.duration_ms,
+            "error": error,
+            "response_body": result.body,
+            "retry_after_seconds": result.retry_after,
+        }
+
+    async def record(self, results: list[dict[str, Any]]) -> None:
+        """``record_attempts`` for a batch; retried with backoff while the
+        database is unreachable (up to the lease: after it the rows are
+        someone else's and fencing would ignore us anyway)."""
+        if not results:
+            return
+        document = json.dumps(results, separators=(",", ":"), ensure_ascii=False)
+        deadline = time.monotonic() + self.lease_seconds
+        failures = 0
+        while True:
+            try:
+                applied = await self.pool.fetchval(queries.RECORD_ATTEMPTS, document, timeout=DB_TIMEOUT)
+                break
+            except Exception as exc:  # noqa: BLE001 — database trouble of any kind
+                failures += 1
+                if barnum_error(exc) is not None or time.monotonic() >= deadline or self.abort.is_set():
+                    logs.log(log, logging.ERROR, "could not record a batch; its leases will expire",
+                             rows=len(results), error=_describe(exc))
+                    self.stats.error(f"record_attempts failed: {_describe(exc)}")
+                    return
+                logs.log(log, logging.WARNING, "record_attempts failed; retrying",
+                         rows=len(results), error=_describe(exc), attempt=failures)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.abort.wait(), _backoff(failures))
+        self.stats.skipped += len(results) - int(applied or 0)
+
+
+# ---------------------------------------------------------------- one pass
+
+
+async def process_due(
+    pool: Any,
+    transport: Transport,
+    config: Config,
+    worker: str,
+    *,
+    batch: int = 50,
+    concurrency: int = 32,
+    lease: float = 60.0,
+    batches_in_flight: int = 2,
+    tick: bool = True,
+    deliverer: Deliverer | None = None,
+) -> Stats:
+    """Run ``tick()`` then deliver everything due now; the pass's :class:`Stats`."""
+    d = deliverer or Deliverer(pool, transport, config, worker, batch=batch, concurrency=concurrency,
+                               lease=lease, batches_in_flight=batches_in_flight)
+    if tick:
+        try:
+            await pool.fetchval(queries.TICK, timeout=DB_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001 — a failed tick must not block delivery
+            logs.log(log, logging.ERROR, "tick failed", error=_describe(exc))
+            d.stats.error(f"tick failed: {_describe(exc)}")
+    try:
+        await d.drain()
+    finally:
+        await d.flush()
+        if d.abort.is_set() or d.stopping:
+            await _release(pool, worker)
+    return d.stats
+
+
+async def run_once(pool: Any, transport: Transport, config: Config, worker: str,
+                   **options: Any) -> dict[str, Any]:
+    """One relay pass in-process (the shim's ``POST /api/internal``):
+    ``{"success": true, "processed": n, "failed": n, "errors": [...]}``."""
+    stats = await process_due(pool, transport, config, worker, **options)
+    return stats.seed_summary()
+
+
+async def _release(pool: Any, worker: str) -> int:
+    """Hand back this worker's unfinished claims; a few tries, then leave
+    them to lease expiry."""
+    for failures in range(1, 6):
+        try:
+            released = int(await pool.fetchval(queries.RELEASE_DELIVERIES, worker, timeout=10.0) or 0)
+            if released:
+                logs.log(log, logging.INFO, "released unfinished deliveries", worker=worker, count=released)
+            return released
+        except Exception as exc:  # noqa: BLE001
+            logs.log(log, logging.WARNING, "release_deliveries failed", error=_describe(exc), attempt=failures)
+            await asyncio.sleep(_backoff(failures))
+    return 0
+
+
+async def ensure_n8n_endpoint(pool: Any, config: Config) -> None:
+    """``N8N_WEBHOOK_URL`` → an endpoint named ``n8n`` with that URL
+    (inserted or re-pointed; never re-enabled)."""
+    if not config.n8n_webhook_url:
+        return
+    try:
+        await pool.fetchval(queries.ENSURE_ENDPOINT, "n8n", config.n8n_webhook_url, timeout=DB_TIMEOUT)
+    except asyncpg.PostgresError as exc:
+        err = barnum_error(exc)
+        if err is not None:
+            raise ConfigError(f"N8N_WEBHOOK_URL: {err.message}") from None
+        raise
+
+
+# ---------------------------------------------------------------- the relay
+
+
+class Relay:
+    """The long-running relay of one process."""
+
+    def __init__(self, config: Config, options: Options | None = None, *, worker: str | None = None) -> None:
+        config.require("DATABASE_URL", "WEBHOOK_SECRET")
+        self.config = config
+        self.options = options or Options()
+        self.worker = worker or worker_name()
+        self.pool: Any = None
+        self.listen_conn: Any = None
+        self.transport = Transport(self.options.concurrency)
+        self.deliverer: Deliverer | None = None
+        self.stopping = False
+        self.stats = Stats()
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._sweep_now = asyncio.Event()
+        self._listener_lock = asyncio.Lock()
+        self._grace_timer: asyncio.TimerHandle | None = None
+        self.on_signal: Callable[[int], None] | None = None
+
+    # -- lifecycle -------------------------------------------------------
+
+    def request_stop(self, signum: int | None = None) -> None:
+        """Stop claiming; in-flight work gets ``grace`` seconds.  A second
+        request abandons in-flight work at once."""
+        if self.on_signal is not None and signum is not None:
+            self.on_signal(signum)
+        if self.stopping:
+            if self.deliverer is not None:
+                self.deliverer.abort.set()
+            return
+        logs.log(log, logging.INFO, "stopping", worker=self.worker, grace_seconds=self.options.grace,
+                 **({"signal": signal.Signals(signum).name} if signum else {}))
+        self.stopping = True
+        self._stop.set()
+        self._wake.set()
+        self._sweep_now.set()
+        if self.deliverer is not None:
+            self.deliverer.stopping = True
+            abort = self.deliverer.abort
+            self._grace_timer = asyncio.get_running_loop().call_later(self.options.grace, abort.set)
+
+    def _install_signals(self) -> list[int]:
+        loop = asyncio.get_running_loop()
+        installed: list[int] = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, self.request_stop, int(sig))
+                installed.append(int(sig))
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass  # not the main thread (e.g. embedded): the caller stops us
+        return installed
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, cut short by a stop request."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
+    async def _connect_pool(self, *, retry: bool) -> Any:
+        failures = 0
+        while True:
+            try:
+                return await create_pool(
+                    self.config.database_url or "",
+                    public_url=self.config.public_url,
+                    min_size=1,
+                    # lanes + background records + timer/sweep
+                    max_size=2 * self.options.batches_in_flight + 3,
+                    application_name="barnum-relay",
+                )
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError) as exc:
+                failures += 1
+                if not retry or self.stopping:
+                    raise
+                logs.log(log, logging.WARNING, "database unreachable; retrying",
+                         error=_describe(exc), attempt=failures)
+                await self._sleep(_backoff(failures))
+                if self.stopping:
+                    raise
+
+    async def run(self, *, once: bool = False) -> int:
+        """Run until stopped (or, with ``once``, until nothing is due)."""
+        installed = self._install_signals()
+        try:
+            try:
+                self.pool = await self._connect_pool(retry=not once)
+            except Exception as exc:  # noqa: BLE001
+                if self.stopping:
+                    return 0
+                print(f"barnum relay: cannot connect to the database: {_describe(exc)}", file=sys.stderr)
+                return 1
+            try:
+                await ensure_n8n_endpoint(self.pool, self.config)
+                self.deliverer = Deliverer(
+                    self.pool, self.transport, self.config, self.worker,
+                    batch=self.options.batch, concurrency=self.options.concurrency,
+                    lease=self.options.lease, batches_in_flight=self.options.batches_in_flight,
+                )
+                self.deliverer.stats = self.stats
+                self.deliverer.on_recorded = self._wake.set
+                if self.stopping:
+                    self.deliverer.stopping = True
+                if once:
+                    await process_due(self.pool, self.transport, self.config, self.worker,
+                                      deliverer=self.deliverer)
+                    print(json.dumps(self.stats.summary()), flush=True)
+                    return 0
+                await self._serve()
+                return 0
+            finally:
+                await self._shutdown()
+        finally:
+            loop = asyncio.get_running_loop()
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+
+    async def _serve(self) -> None:
+        await self._ensure_listener()
+        logs.log(log, logging.INFO, "relay started", worker=self.worker, pid=os.getpid(),
+                 concurrency=self.options.concurrency, batch=self.options.batch,
+                 batches_in_flight=self.options.batches_in_flight,
+                 sweep_interval=self.options.sweep_interval, lease=self.options.lease)
+        self._sweep_now.set()  # tick once at start
+        sweeper = asyncio.create_task(self._sweep_loop(), name="barnum-relay-sweep")
+        try:
+            await self._deliver_loop()
+        finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await sweeper
+
+    async def _shutdown(self) -> None:
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
+        if self.pool is not None and self.deliverer is not None:
+            await self.deliverer.flush()
+            await _release(self.pool, self.worker)
+        await self.transport.close()
+        if self.listen_conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.listen_conn.close(), 2.0)
+            self.listen_conn = None
+        if self.pool is not None:
+            try:
+                await asyncio.wait_for(self.pool.close(), 5.0)
+            except Exception:  # noqa: BLE001
+                self.pool.terminate()
+        if self.stopping or self.stats.claimed:
+            logs.log(log, logging.INFO, "relay stopped", worker=self.worker,
+                     **{k: v for k, v in self.stats.summary().items() if k not in ("errors", "success")})
+
+    # -- the delivery loop -----------------------------------------------
+
+    async def _deliver_loop(self) -> None:
+        assert self.deliverer is not None
+        failures = 0
+        while not self.stopping:
+            self._wake.clear()
+            try:
+                await self.deliverer.drain()
+                if self.stopping:
+                    break
+                due = await self.pool.fetchval(queries.NEXT_DUE_AT, timeout=DB_TIMEOUT)
+                if failures:
+                    logs.log(log, logging.INFO, "database reachable again", worker=self.worker)
+                failures = 0
+            except Exception as exc:  # noqa: BLE001 — database down, restarted, …
+                if self.stopping:
+                    break
+                failures += 1
+                logs.log(log, logging.WARNING, "delivery loop: database error; backing off",
+                         error=_describe(exc), attempt=failures)
+                await self._sleep(_backoff(failures))
+                continue
+            delay = self._delay_until(due)
+            if delay is None or delay > 0:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay)
+
+    @staticmethod
+    def _delay_until(due: datetime | None) -> float | None:
+        """Seconds until ``due``: ``None`` = nothing scheduled (wait for a
+        wake-up).  Due work that we could not claim (another relay holds the
+        rows) is looked at again after a short pause."""
+        if due is None:
+            return None
+        if due.tzinfo is None:
+            due = due.replace(tzinfo=timezone.utc)
+        delay = (due - datetime.now(timezone.utc)).total_seconds()
+        return BUSY_RETRY if delay <= 0 else delay + 0.002
+
+    # -- LISTEN and sweep -------------------------------------------------
+
+    def _on_notify(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        self._wake.set()
+
+    def _on_listener_lost(self, conn: Any) -> None:
+        if conn is self.listen_conn and not self.stopping:
+            logs.log(log, logging.WARNING, "LISTEN connection lost; reconnecting", worker=self.worker)
+            self._sweep_now.set()
+
+    async def _connect_listener(self) -> Any:
+        dsn = self.config.listen_database_url or self.config.database_url
+        conn = await asyncpg.connect(
+            dsn, timeout=10.0, server_settings={"application_name": "barnum-relay-listen"},
+        )
+        try:
+            await conn.add_listener(CHANNEL, self._on_notify)
+            conn.add_termination_listener(self._on_listener_lost)
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn
+
+    async def _listener_healthy(self) -> bool:
+        conn = self.listen_conn
+        if conn is None or conn.is_closed():
+            return False
+        try:
+            # Any round trip proves the connection; this one is granted to
+            # the relay role and cheap.
+            await conn.fetchval(queries.NEXT_DUE_AT, timeout=min(5.0, max(1.0, self.options.sweep_interval)))
+            return True
+        except Exception:  # noqa: BLE001
+            return False
+
+    async def _ensure_listener(self) -> bool:
+        """Check the LISTEN connection; reconnect with capped exponential
+        backoff if it is gone.  True when it was reconnected."""
+        async with self._listener_lock:
+            if await self._listener_healthy():
+                return False
+            old, self.listen_conn = self.listen_conn, None
+            if old is not None:
+                old.terminate()
+                logs.log(log, logging.WARNING, "LISTEN connection is dead; reconnecting", worker=self.worker)
+            failures = 0
+            while not self.stopping:
+                try:
+                    self.listen_conn = await self._connect_listener()
+                    if old is not None or failures:
+                        logs.log(log, logging.INFO, "LISTEN connection restored", worker=self.worker)
+                    return True
+                except Exception as exc:  # noqa: BLE001
+                    failures += 1
+                    logs.log(log, logging.WARNING, "LISTEN connect failed; retrying",
+                             error=_describe(exc), attempt=failures)
+                    await self._sleep(_backoff(failures))
+            return False
+
+    async def _sweep_loop(self) -> None:
+        while not self.stopping:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._sweep_now.wait(), self.options.sweep_interval)
+            if self.stopping:
+                break
+            self._sweep_now.clear()
+            await self._sweep()
+
+    async def _sweep(self) -> None:
+        try:
+            await self._ensure_listener()
+        except Exception as exc:  # noqa: BLE001
+            logs.log(log, logging.ERROR, "LISTEN check failed", error=_describe(exc))
+        if self.stopping:
+            return
+        try:
+            ticked = await self.pool.fetchval(queries.TICK, timeout=DB_TIMEOUT)
+            if ticked:
+                counts = json.loads(ticked)
+                if isinstance(counts, dict) and any(v for v in counts.values() if isinstance(v, (int, float))):
+                    logs.log(log, logging.INFO, "tick", **{k: v for k, v in counts.items()
+                                                           if isinstance(v, (int, float, str))})
+        except Exception as exc:  # noqa: BLE001
+            logs.log(log, logging.WARNING, "tick failed", error=_describe(exc))
+        # Whatever a missed notification would have said, look now.
+        self._wake.set()
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def _event_loop_runner() -> asyncio.Runner:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover — uvloop ships with uvicorn[standard]
+        return asyncio.Runner()
+    return asyncio.Runner(loop_factory=uvloop.new_event_loop)
+
+
+def _child_argv(args: argparse.Namespace) -> list[str]:
+    argv = [
+        sys.executable, "-m", "listener.relay",
+        "--concurrency", str(args.concurrency), "--batch", str(args.batch),
+        "--sweep-interval", str(args.sweep_interval), "--grace", str(args.grace),
+        "--lease", str(args.lease), "--batches-in-flight", str(getattr(args, "batches_in_flight", 2)),
+        "--processes", "1",
+    ]
+    if args.once:
+        argv.append("--once")
+    return argv
+
+
+def _run_relay(config: Config, options: Options, *, once: bool,
+               on_signal: Callable[[int], None] | None = None) -> int:
+    async def go() -> int:
+        relay = Relay(config, options)
+        relay.on_signal = on_signal
+        return await relay.run(once=once)
+
+    with _event_loop_runner() as runner:
+        return runner.run(go())
+
+
+def _die_with_parent() -> None:
+    """In a child: get SIGTERM if the parent dies (even by SIGKILL), on Linux."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover — not Linux
+        pass
+
+
+def _run_processes(args: argparse.Namespace, config: Config, options: Options) -> int:
+    """``--processes N``: N-1 children plus this process, each a full relay."""
+    children: list[subprocess.Popen[bytes]] = []
+    for _ in range(args.processes - 1):
+        children.append(subprocess.Popen(_child_argv(args), preexec_fn=_die_with_parent))
+
+    def forward(signum: int) -> None:
+        for child in children:
+            if child.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.send_signal(signum)
+
+    code = 1
+    try:
+        code = _run_relay(config, options, once=args.once, on_signal=forward)
+    finally:
+        forward(signal.SIGTERM)
+        deadline = time.monotonic() + options.grace + 15.0
+        for child in children:
+            try:
+                child_code = child.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child_code = child.wait()
+            if child_code not in (0, -signal.SIGTERM) and code == 0:
+                code = 1
+    return code
+
+
+def main(args: argparse.Namespace, config: Config) -> int:
+    """``barnum relay``: run the relay (``--processes`` N of them); exit status.
+
+    Raises :class:`ConfigError` for a missing ``DATABASE_URL`` or
+    ``WEBHOOK_SECRET`` (the CLI prints it on one line and exits 2).
+    """
+    config.require("DATABASE_URL", "WEBHOOK_SECRET")
+    options = Options.from_args(args)
+    logs.setup(config.log_level)
+    if getattr(args, "processes", 1) > 1:
+        return _run_processes(args, config, options)
+    return _run_relay(config, options, once=args.once)
+
+
+def _cli(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="barnum relay", description="Deliver the outbox to webhook endpoints.")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return main(args, load())
+    except ConfigError as exc:
+        print(f"barnum relay: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+__all__ = ["add_arguments", "main", "run_once", "process_due", "Relay", "Deliverer", "Options",
+           "Stats", "worker_name"]
+
+if __name__ == "__main__":
+    sys.exit(_cli())
