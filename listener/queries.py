@@ -33,6 +33,10 @@ RELEASE_DELIVERIES = "SELECT barnum.release_deliveries($1)"
 #: Earliest time a pending delivery is due (NULL when none).
 NEXT_DUE_AT = "SELECT barnum.next_due_at()"
 
+#: Going idle: register worker $1 as waiting for NOTIFY for $2 (interval) and
+#: get next_due_at() for the timer — one round trip.
+RELAY_IDLE = "SELECT barnum.relay_idle($1, $2::interval)"
+
 #: Time-driven work (reminders, reactivation, expiry, retention); jsonb counts.
 TICK = "SELECT barnum.tick()::text"
 

@@ -511,6 +511,9 @@ class Relay:
         self._listener_lock = asyncio.Lock()
         self._grace_timer: asyncio.TimerHandle | None = None
         self.on_signal: Callable[[int], None] | None = None
+        # How long a "waiting" registration lives: the sweep renews it, so a
+        # crashed relay's registration lapses on its own.
+        self._waiter_ttl = timedelta(seconds=max(30.0, 3 * self.options.sweep_interval))
 
     # -- lifecycle -------------------------------------------------------
 
@@ -654,7 +657,13 @@ class Relay:
                 await self.deliverer.drain()
                 if self.stopping:
                     break
-                due = await self.pool.fetchval(queries.NEXT_DUE_AT, timeout=DB_TIMEOUT)
+                # Outcomes still being recorded change what is due (a retry's
+                # new time): the timer must see them, so wait for them first.
+                await self.deliverer.flush()
+                # Going idle: register as waiting, so producers NOTIFY us
+                # (they do not while every relay is busy), and get the timer.
+                due = await self.pool.fetchval(queries.RELAY_IDLE, self.worker, self._waiter_ttl,
+                                               timeout=DB_TIMEOUT)
                 if failures:
                     logs.log(log, logging.INFO, "database reachable again", worker=self.worker)
                 failures = 0

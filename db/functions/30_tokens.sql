@@ -6,7 +6,12 @@ CREATE OR REPLACE FUNCTION barnum.token_hash(p_token text) RETURNS bytea
 LANGUAGE sql IMMUTABLE
 AS $$ SELECT pg_catalog.sha256(convert_to(p_token, 'UTF8')) $$;
 
--- Mint a token: 32 random bytes, base64url without padding (43 characters).
+-- A new token's plain text: 32 random bytes, base64url without padding.
+CREATE OR REPLACE FUNCTION barnum.new_token() RETURNS text
+LANGUAGE sql VOLATILE
+AS $$ SELECT rtrim(translate(encode(barnum.random_bytes(32), 'base64'), E'+/\n', '-_'), '=') $$;
+
+-- Mint a token and store only its hash.
 CREATE OR REPLACE FUNCTION barnum.mint_token(
     p_action_type text, p_appointment_id uuid, p_patient_id uuid,
     p_workflow_id uuid, p_metadata jsonb, p_expires_at timestamptz)
@@ -14,7 +19,7 @@ RETURNS text
 LANGUAGE plpgsql
 AS $$
 DECLARE
-    tok text := rtrim(translate(encode(barnum.random_bytes(32), 'base64'), E'+/\n', '-_'), '=');
+    tok text := barnum.new_token();
 BEGIN
     INSERT INTO barnum.whatsapp_action_tokens
         (token_hash, action_type, appointment_id, patient_id, workflow_id, metadata, expires_at)

@@ -56,17 +56,20 @@ LANGUAGE sql
 AS $$ SELECT pg_notify('barnum_events', '') $$;
 
 -- Fan-out, set-based per INSERT statement: one delivery per active endpoint
--- whose patterns match; an event nobody wants is 'skipped' at once.  Only
--- work that is due now wakes the relay — delayed work is found by the
--- relay's timer at next_due_at().
+-- whose patterns match; an event nobody wants is 'skipped' at once.
+--
+-- Wake-ups: NOTIFY takes a database-wide lock at commit that serialises
+-- committing transactions (halving insert throughput at 4 clients), so it
+-- is sent only while a relay is idle and waiting (barnum.relay_waiters,
+-- see relay_idle).  A busy relay needs no wake-up: it claims again as soon
+-- as its batch is done.  Delayed work notifies too, so a waiting relay
+-- re-reads next_due_at() for its timer.
 -- Not SECURITY DEFINER (nor a pinned search_path, whose per-call cost here
 -- was ~0.2 ms an event): outbox rows are inserted by create_whatsapp_event,
 -- itself a definer function, or by the schema owner directly.
 CREATE OR REPLACE FUNCTION barnum.events_fanout_trg() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
-DECLARE
-    due_now boolean;
 BEGIN
     INSERT INTO barnum.webhook_deliveries (event_id, endpoint_id, next_attempt_at)
     SELECT e.id, ep.id, e.scheduled_for
@@ -90,12 +93,10 @@ BEGIN
       FROM skipped
      WHERE w.id = skipped.workflow_id AND w.status = 'pending';
 
-    SELECT EXISTS (
-        SELECT 1 FROM new_events e
-         WHERE e.status = 'pending' AND e.scheduled_for <= now()
-           AND EXISTS (SELECT 1 FROM barnum.webhook_deliveries d WHERE d.event_id = e.id))
-      INTO due_now;
-    IF due_now THEN
+    IF EXISTS (SELECT 1 FROM barnum.relay_waiters WHERE until > now())
+       AND EXISTS (SELECT 1 FROM new_events e
+                    WHERE e.status = 'pending'
+                      AND EXISTS (SELECT 1 FROM barnum.webhook_deliveries d WHERE d.event_id = e.id)) THEN
         PERFORM barnum.wake_relays();
     END IF;
     RETURN NULL;

@@ -1,6 +1,7 @@
 -- 50_render: the payload an endpoint receives, rendered at claim time so it
 -- carries the appointment as it is now and freshly minted action links.  A
 -- delivery whose event no longer makes sense is skipped with the reason.
+-- claim_deliveries_text (60_relay) applies these to a whole batch at once.
 
 -- An appointment as payloads and pages show it, times in the clinic's zone.
 CREATE OR REPLACE FUNCTION barnum.appointment_json(a barnum.appointments, p_tz text) RETURNS jsonb
@@ -58,75 +59,50 @@ AS $$
     END
 $$;
 
--- Render one event.  p_tz/p_base/p_ttl are passed in so a batch reads the
--- settings once.  Returns (payload, NULL) or (NULL, skip reason).
-CREATE OR REPLACE FUNCTION barnum.render_event(
-    e barnum.whatsapp_events, p_tz text, p_base text, p_ttl interval, p_now timestamptz,
-    OUT payload jsonb, OUT skip_reason text)
-LANGUAGE plpgsql
+-- Why a delivery of this event should not go out any more (NULL: send it).
+-- a/w are the event's appointment and workflow (NULL rows when none).
+CREATE OR REPLACE FUNCTION barnum.event_skip_reason(
+    e barnum.whatsapp_events, a barnum.appointments, w barnum.whatsapp_workflows, p_now timestamptz)
+RETURNS text
+LANGUAGE sql STABLE
 AS $$
-DECLARE
-    a barnum.appointments;
-    p barnum.patients;
-    w barnum.whatsapp_workflows;
-    links jsonb := '{}';
-    lt text;
-BEGIN
-    IF e.workflow_id IS NOT NULL THEN
-        SELECT * INTO w FROM barnum.whatsapp_workflows WHERE id = e.workflow_id;
-    END IF;
-    payload := jsonb_build_object(
-        'event_id', e.id, 'event_type', e.event_type, 'entity_id', e.entity_id,
-        'created_at', to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'),
-        'workflow_id', e.workflow_id);
-    IF e.data <> '{}' THEN
-        payload := payload || jsonb_build_object('data', e.data);
-    END IF;
+    SELECT CASE
+        WHEN e.entity_type = 'patient' THEN coalesce(
+            barnum.patient_block_reason(e.entity_id),
+            CASE WHEN e.event_type = 'patient.reactivation' AND EXISTS (
+                      SELECT 1 FROM barnum.appointments x
+                       WHERE x.patient_id = e.entity_id AND x.starts_at > p_now
+                         AND x.status IN ('scheduled', 'pre_confirmed', 'confirmed'))
+                 THEN 'patient has a future appointment' END,
+            CASE WHEN w.id IS NOT NULL AND w.status NOT IN ('pending', 'sent')
+                 THEN format('workflow %s', w.status) END)
+        WHEN a.id IS NULL THEN 'appointment not found'
+        ELSE coalesce(barnum.patient_block_reason(a.patient_id),
+                      barnum.appointment_event_stale(e.event_type, a, w, p_now))
+    END
+$$;
 
-    IF e.entity_type = 'patient' THEN
-        SELECT * INTO p FROM barnum.patients WHERE id = e.entity_id;
-        skip_reason := barnum.patient_block_reason(e.entity_id);
-        IF skip_reason IS NULL AND e.event_type = 'patient.reactivation' AND EXISTS (
-            SELECT 1 FROM barnum.appointments x
-             WHERE x.patient_id = p.id AND x.starts_at > p_now
-               AND x.status IN ('scheduled', 'pre_confirmed', 'confirmed')) THEN
-            skip_reason := 'patient has a future appointment';
-        END IF;
-        IF skip_reason IS NULL AND w.id IS NOT NULL AND w.status NOT IN ('pending', 'sent') THEN
-            skip_reason := format('workflow %s', w.status);
-        END IF;
-        IF skip_reason IS NOT NULL THEN
-            payload := NULL;
-            RETURN;
-        END IF;
-        payload := payload || jsonb_build_object(
-            'patient', jsonb_build_object(
-                'id', p.id, 'name', p.name, 'phone', p.phone,
-                'last_visit_date', barnum.local_date(p.last_visit_at, p_tz)),
-            'action_links', '{}'::jsonb);
-        RETURN;
-    END IF;
-
-    SELECT * INTO a FROM barnum.appointments WHERE id = e.entity_id;
-    IF NOT FOUND THEN
-        skip_reason := 'appointment not found';
-        payload := NULL;
-        RETURN;
-    END IF;
-    skip_reason := coalesce(barnum.patient_block_reason(a.patient_id),
-                            barnum.appointment_event_stale(e.event_type, a, w, p_now));
-    IF skip_reason IS NOT NULL THEN
-        payload := NULL;
-        RETURN;
-    END IF;
-    FOREACH lt IN ARRAY barnum.event_link_types(e.event_type) LOOP
-        links := links || jsonb_build_object(lt,
-            p_base || '/api/action?type=' || lt || '&token='
-            || barnum.mint_token(lt, a.id, a.patient_id, e.workflow_id, NULL, p_now + p_ttl));
-    END LOOP;
-
-    payload := payload || jsonb_build_object(
-        'appointment', barnum.appointment_json(a, p_tz),
-        'action_links', links);
-END
+-- The payload of one event (SPEC §3): the seed's shape plus event_id, the
+-- appointment as it is now (or the patient, for patient events) and the
+-- action links minted for this delivery.
+CREATE OR REPLACE FUNCTION barnum.event_payload(
+    e barnum.whatsapp_events, a barnum.appointments, p_links jsonb, p_tz text)
+RETURNS jsonb
+LANGUAGE sql STABLE
+AS $$
+    SELECT jsonb_build_object(
+               'event_id', e.id, 'event_type', e.event_type, 'entity_id', e.entity_id,
+               'created_at', to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'),
+               'workflow_id', e.workflow_id)
+        || CASE WHEN e.data <> '{}' THEN jsonb_build_object('data', e.data) ELSE '{}' END
+        || CASE WHEN e.entity_type = 'patient' THEN jsonb_build_object(
+                   'patient', (SELECT jsonb_build_object(
+                                   'id', p.id, 'name', p.name, 'phone', p.phone,
+                                   'last_visit_date', barnum.local_date(p.last_visit_at, p_tz))
+                                 FROM barnum.patients p WHERE p.id = e.entity_id),
+                   'action_links', '{}'::jsonb)
+           ELSE jsonb_build_object(
+                   'appointment', barnum.appointment_json(a, p_tz),
+                   'action_links', coalesce(p_links, '{}'::jsonb))
+           END
 $$;

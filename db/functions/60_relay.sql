@@ -14,12 +14,21 @@ $$;
 -- Claim due deliveries with a lease.  The returned attempt is the fencing
 -- token for record_attempts.  Payload as text, so the relay signs and sends
 -- these exact bytes without parsing them.
+--
+-- Set-based: a fixed number of statements per batch, whatever its size —
+-- one UPDATE claims every row and settles those that must not go out
+-- (skipped with the reason, or dead when a reclaimed lease was the final
+-- attempt), one INSERT mints every action token of the batch, one SELECT
+-- renders every payload.  (A row-at-a-time loop cost ~0.5 ms a delivery.)
 CREATE OR REPLACE FUNCTION barnum.claim_deliveries_text(
     p_worker text, p_limit int DEFAULT 50, p_lease interval DEFAULT '60 seconds')
 RETURNS TABLE (delivery_id bigint, event_id uuid, event_type text, endpoint_id uuid, url text,
                secret text, attempt int, timeout_ms int, payload text, idempotency_key text)
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = barnum, pg_temp
+-- The statements are big and their shape never changes: a generic plan
+-- saves re-planning them on every call.
+SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -30,11 +39,8 @@ DECLARE
     v_max int;
     ids bigint[];
     expired bigint[];
-    skipped bigint[] := '{}';
-    skip_reasons text[] := '{}';
-    touched uuid[] := '{}';
-    r record;
-    rendered record;
+    c_ids bigint[];
+    c_events uuid[];
 BEGIN
     IF p_worker IS NULL OR btrim(p_worker) = '' THEN
         PERFORM barnum.fail('BN400', 'worker name is required');
@@ -45,6 +51,9 @@ BEGIN
     IF p_lease IS NULL OR p_lease < interval '1 second' OR p_lease > interval '1 hour' THEN
         PERFORM barnum.fail('BN422', format('lease must be between 1 second and 1 hour, got %s', p_lease));
     END IF;
+
+    -- Claiming means this relay is busy: producers need not wake it.
+    DELETE FROM barnum.relay_waiters WHERE worker = p_worker;
 
     -- Leases that expired first (their worker died), then due pending rows.
     -- Two partial indexes, two small index scans; SKIP LOCKED lets several
@@ -80,51 +89,73 @@ BEGIN
     v_ttl := barnum.setting_interval('token_ttl');
     v_max := barnum.setting_int('max_attempts');
 
-    FOR r IN
+    WITH src AS (
+        SELECT d.id,
+               CASE WHEN d.attempts + 1 > coalesce(ep.max_attempts, v_max)
+                    THEN 'dead:lease expired on the final attempt'
+                    ELSE barnum.event_skip_reason(e, a, w, v_now) END AS reason
+          FROM barnum.webhook_deliveries d
+          JOIN barnum.whatsapp_events e ON e.id = d.event_id
+          JOIN barnum.webhook_endpoints ep ON ep.id = d.endpoint_id
+          LEFT JOIN barnum.appointments a ON e.entity_type = 'appointment' AND a.id = e.entity_id
+          LEFT JOIN barnum.whatsapp_workflows w ON w.id = e.workflow_id
+         WHERE d.id = ANY (ids)
+    ), upd AS (
         UPDATE barnum.webhook_deliveries d
-           SET status = 'processing', attempts = d.attempts + 1,
-               locked_by = p_worker, locked_until = v_now + p_lease
-          FROM barnum.whatsapp_events e, barnum.webhook_endpoints ep
-         WHERE d.id = ANY (ids) AND e.id = d.event_id AND ep.id = d.endpoint_id
-        RETURNING d.id AS d_id, d.attempts AS d_attempt, e AS ev, ep.id AS ep_id,
-                  ep.url AS ep_url, ep.secret AS ep_secret, ep.timeout_ms AS ep_timeout,
-                  coalesce(ep.max_attempts, v_max) AS ep_max
-    LOOP
-        touched := touched || (r.ev).id;
-        IF r.d_attempt > r.ep_max THEN
-            -- Only a reclaimed lease gets here: its last attempt was lost.
-            skipped := skipped || r.d_id;
-            skip_reasons := skip_reasons || 'dead:lease expired on the final attempt'::text;
-            CONTINUE;
-        END IF;
-        SELECT * INTO rendered FROM barnum.render_event(r.ev, v_tz, v_base, v_ttl, v_now);
-        IF rendered.skip_reason IS NOT NULL THEN
-            skipped := skipped || r.d_id;
-            skip_reasons := skip_reasons || rendered.skip_reason;
-            CONTINUE;
-        END IF;
-        delivery_id := r.d_id;
-        event_id := (r.ev).id;
-        event_type := (r.ev).event_type;
-        endpoint_id := r.ep_id;
-        url := replace(r.ep_url, '{event_type}', (r.ev).event_type);
-        secret := r.ep_secret;
-        attempt := r.d_attempt;
-        timeout_ms := r.ep_timeout;
-        payload := rendered.payload::text;
-        idempotency_key := (r.ev).id || '-' || extract(epoch FROM (r.ev).created_at)::bigint;
-        RETURN NEXT;
-    END LOOP;
+           SET attempts = d.attempts + 1,
+               status = CASE WHEN src.reason IS NULL THEN 'processing'
+                             WHEN src.reason LIKE 'dead:%' THEN 'dead_letter' ELSE 'skipped' END,
+               locked_by = CASE WHEN src.reason IS NULL THEN p_worker END,
+               locked_until = CASE WHEN src.reason IS NULL THEN v_now + p_lease END,
+               last_error = CASE WHEN src.reason IS NULL THEN d.last_error
+                                 ELSE regexp_replace(src.reason, '^dead:', '') END
+          FROM src
+         WHERE d.id = src.id
+        RETURNING d.id, d.event_id, src.reason
+    )
+    SELECT array_agg(upd.id) FILTER (WHERE upd.reason IS NULL), array_agg(upd.event_id)
+      INTO c_ids, c_events
+      FROM upd;
 
-    IF cardinality(skipped) > 0 THEN
-        UPDATE barnum.webhook_deliveries d
-           SET status = CASE WHEN s.reason LIKE 'dead:%' THEN 'dead_letter' ELSE 'skipped' END,
-               last_error = regexp_replace(s.reason, '^dead:', ''),
-               locked_by = NULL, locked_until = NULL
-          FROM unnest(skipped, skip_reasons) AS s(id, reason)
-         WHERE d.id = s.id;
+    PERFORM barnum.refresh_events(c_events);
+    IF c_ids IS NULL THEN
+        RETURN;
     END IF;
-    PERFORM barnum.refresh_events(touched);
+
+    -- Every token of the batch in one INSERT; the plain token only travels
+    -- on into the payload.
+    RETURN QUERY
+    WITH c AS MATERIALIZED (
+        SELECT d.id AS d_id, d.attempts AS d_attempt, d.endpoint_id AS ep_id, e AS ev, a AS ap
+          FROM barnum.webhook_deliveries d
+          JOIN barnum.whatsapp_events e ON e.id = d.event_id
+          LEFT JOIN barnum.appointments a ON e.entity_type = 'appointment' AND a.id = e.entity_id
+         WHERE d.id = ANY (c_ids)
+    ), toks AS MATERIALIZED (
+        SELECT c.d_id, lt, (c.ap).id AS appt_id, (c.ap).patient_id AS patient_id,
+               (c.ev).workflow_id AS workflow_id, barnum.new_token() AS tok
+          FROM c
+         CROSS JOIN LATERAL unnest(barnum.event_link_types((c.ev).event_type)) AS lt
+         WHERE (c.ap).id IS NOT NULL
+    ), minted AS (
+        INSERT INTO barnum.whatsapp_action_tokens
+            (token_hash, action_type, appointment_id, patient_id, workflow_id, expires_at)
+        SELECT barnum.token_hash(toks.tok), toks.lt, toks.appt_id, toks.patient_id, toks.workflow_id,
+               v_now + v_ttl
+          FROM toks
+    ), links AS (
+        SELECT toks.d_id,
+               jsonb_object_agg(toks.lt, v_base || '/api/action?type=' || toks.lt || '&token=' || toks.tok) AS l
+          FROM toks GROUP BY toks.d_id
+    )
+    SELECT c.d_id, (c.ev).id, (c.ev).event_type, c.ep_id,
+           replace(ep.url, '{event_type}', (c.ev).event_type), ep.secret, c.d_attempt, ep.timeout_ms,
+           barnum.event_payload(c.ev, c.ap, links.l, v_tz)::text,
+           (c.ev).id || '-' || extract(epoch FROM (c.ev).created_at)::bigint
+      FROM c
+      JOIN barnum.webhook_endpoints ep ON ep.id = c.ep_id
+      LEFT JOIN links ON links.d_id = c.d_id
+     ORDER BY c.d_id;
 END
 $$;
 
@@ -238,6 +269,7 @@ BEGIN
     IF p_worker IS NULL OR btrim(p_worker) = '' THEN
         PERFORM barnum.fail('BN400', 'worker name is required');
     END IF;
+    DELETE FROM barnum.relay_waiters WHERE worker = p_worker;
     WITH rel AS (
         UPDATE barnum.webhook_deliveries
            SET status = 'pending', attempts = greatest(attempts - 1, 0),
@@ -251,6 +283,28 @@ BEGIN
     PERFORM barnum.refresh_events(touched);
     PERFORM barnum.wake_relays();
     RETURN cardinality(touched);
+END
+$$;
+
+-- A relay going idle: registers as waiting (so producers NOTIFY it) for
+-- p_ttl — the relay re-registers every sweep, so a crashed relay's row
+-- simply expires — and returns next_due_at() for its timer.  Work committed
+-- after this snapshot but by a statement that ran before the registration
+-- committed sends no NOTIFY; the relay's sweep (every few seconds) finds it:
+-- no event waits longer than one sweep interval.
+CREATE OR REPLACE FUNCTION barnum.relay_idle(p_worker text, p_ttl interval DEFAULT '30 seconds')
+RETURNS timestamptz
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = barnum, pg_temp
+AS $$
+BEGIN
+    IF p_worker IS NULL OR btrim(p_worker) = '' THEN
+        PERFORM barnum.fail('BN400', 'worker name is required');
+    END IF;
+    INSERT INTO barnum.relay_waiters (worker, until)
+    VALUES (p_worker, now() + greatest(coalesce(p_ttl, interval '30 seconds'), interval '1 second'))
+    ON CONFLICT (worker) DO UPDATE SET until = EXCLUDED.until;
+    RETURN barnum.next_due_at();
 END
 $$;
 

@@ -13,6 +13,7 @@ GRANT EXECUTE ON FUNCTION
     barnum.record_attempts(jsonb),
     barnum.release_deliveries(text),
     barnum.next_due_at(),
+    barnum.relay_idle(text, interval),
     barnum.tick(int),
     barnum.retry_dead_letters(uuid),
     barnum.queue_stats(),
