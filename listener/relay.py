@@ -47,8 +47,9 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import asyncpg
+from prometheus_client import start_http_server
 
-from listener import logs, queries
+from listener import logs, metrics, queries
 from listener.config import Config, ConfigError, load
 from listener.db import barnum_error, create_pool
 from listener.signing import outbound_headers, parse_secrets
@@ -127,7 +128,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--processes", type=_bounded(int, 1, 256), default=1,
                         help="relay processes to run (one per core uses a multi-core box; default 1)")
     parser.add_argument("--metrics-port", type=_bounded(int, 0, 65535), default=None,
-                        help="(reserved) serve Prometheus metrics on this port")
+                        help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics")
 
 
 # ---------------------------------------------------------------- summary
@@ -301,6 +302,10 @@ class Deliverer:
                 results.append(outcome)
         if not results:
             return
+        for r in results:
+            metrics.DELIVERY_SECONDS.observe((r.get("duration_ms") or 0) / 1000.0)
+            metrics.DELIVERIES.labels(
+                outcome="delivered" if r["ok"] else ("retry" if r.get("retryable") else "dead_letter")).inc()
         # Record in the background: the next claim need not wait for this
         # commit.  A bounded number of records may be outstanding (back
         # pressure when the database is slow); shutdown waits for them all
@@ -511,6 +516,8 @@ class Relay:
         self._listener_lock = asyncio.Lock()
         self._grace_timer: asyncio.TimerHandle | None = None
         self.on_signal: Callable[[int], None] | None = None
+        #: Set when /metrics is served (``--metrics-port``): sweeps refresh the queue gauges.
+        self.metrics_port: int | None = None
         # How long a "waiting" registration lives: the sweep renews it, so a
         # crashed relay's registration lapses on its own.
         self._waiter_ttl = timedelta(seconds=max(30.0, 3 * self.options.sweep_interval))
@@ -769,6 +776,8 @@ class Relay:
             return
         try:
             ticked = await self.pool.fetchval(queries.TICK, timeout=DB_TIMEOUT)
+            if self.metrics_port is not None:
+                await metrics.refresh_queue_gauges(self.pool)
             if ticked:
                 counts = json.loads(ticked)
                 if isinstance(counts, dict) and any(v for v in counts.values() if isinstance(v, (int, float))):
@@ -805,10 +814,15 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
 
 
 def _run_relay(config: Config, options: Options, *, once: bool,
-               on_signal: Callable[[int], None] | None = None) -> int:
+               on_signal: Callable[[int], None] | None = None, metrics_port: int | None = None) -> int:
+    if metrics_port is not None:
+        # prometheus_client's own server thread: loopback only, like the shim's default.
+        start_http_server(metrics_port, addr="127.0.0.1")
+
     async def go() -> int:
         relay = Relay(config, options)
         relay.on_signal = on_signal
+        relay.metrics_port = metrics_port
         return await relay.run(once=once)
 
     with _event_loop_runner() as runner:
@@ -841,7 +855,7 @@ def _run_processes(args: argparse.Namespace, config: Config, options: Options) -
 
     code = 1
     try:
-        code = _run_relay(config, options, once=args.once, on_signal=forward)
+        code = _run_relay(config, options, once=args.once, on_signal=forward, metrics_port=args.metrics_port)
     finally:
         forward(signal.SIGTERM)
         deadline = time.monotonic() + options.grace + 15.0
@@ -867,7 +881,7 @@ def main(args: argparse.Namespace, config: Config) -> int:
     logs.setup(config.log_level)
     if getattr(args, "processes", 1) > 1:
         return _run_processes(args, config, options)
-    return _run_relay(config, options, once=args.once)
+    return _run_relay(config, options, once=args.once, metrics_port=getattr(args, "metrics_port", None))
 
 
 def _cli(argv: Sequence[str] | None = None) -> int:

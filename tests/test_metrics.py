@@ -7,6 +7,8 @@ import hashlib
 import hmac
 import json
 
+from pathlib import Path
+
 import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -71,3 +73,39 @@ def test_metrics_parse_and_move(shim: Running, db_conn: psycopg.Connection) -> N
     assert pending >= 1
     assert value(gauges, "barnum_queue_deliveries", state="pending") == pending
     assert ("barnum_queue_oldest_due_age_seconds", ()) in gauges
+
+
+def test_relay_metrics_port(db_conn: psycopg.Connection, tmp_path: Path, db_url: str) -> None:
+    """``barnum relay --metrics-port``: deliveries, their duration and the
+    queue gauges, refreshed on every sweep."""
+    import httpx
+
+    from listener.pgcluster import free_port
+    from tests.helpers import wait_until
+    from tests.receiver import Receiver
+    from tests.test_relay import SECRET as RELAY_SECRET
+    from tests.test_relay import RelayProcess, add_appointments, add_endpoint, all_sent
+
+    receiver = Receiver([RELAY_SECRET.encode()]).start()
+    port = free_port()
+    relay = RelayProcess(db_url, tmp_path, ["--sweep-interval", "0.5", "--metrics-port", str(port)], {})
+    try:
+        relay.wait_ready()
+        add_endpoint(db_conn, "m", receiver.url("/ok"))
+        add_appointments(db_conn, 3)
+        wait_until(lambda: all_sent(db_conn, 3), timeout=20, message="delivered")
+
+        def delivered() -> float:
+            try:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            except httpx.HTTPError:
+                return -1.0
+            return value(samples(text), "barnum_deliveries_total", outcome="delivered")
+
+        wait_until(lambda: delivered() == 3, timeout=10, message="barnum_deliveries_total moves")
+        snap = samples(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text)
+        assert value(snap, "barnum_delivery_duration_seconds_count") == 3
+        assert ("barnum_queue_deliveries", (("state", "pending"),)) in snap
+    finally:
+        relay.stop()
+        receiver.stop()
