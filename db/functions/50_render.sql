@@ -59,38 +59,16 @@ AS $$
     END
 $$;
 
--- Why a delivery of this event should not go out any more (NULL: send it).
--- a/w are the event's appointment and workflow (NULL rows when none).
-CREATE OR REPLACE FUNCTION barnum.event_skip_reason(
-    e barnum.whatsapp_events, a barnum.appointments, w barnum.whatsapp_workflows, p_now timestamptz)
-RETURNS text
-LANGUAGE sql STABLE
-AS $$
-    SELECT CASE
-        WHEN e.entity_type = 'patient' THEN coalesce(
-            barnum.patient_block_reason(e.entity_id),
-            CASE WHEN e.event_type = 'patient.reactivation' AND EXISTS (
-                      SELECT 1 FROM barnum.appointments x
-                       WHERE x.patient_id = e.entity_id AND x.starts_at > p_now
-                         AND x.status IN ('scheduled', 'pre_confirmed', 'confirmed'))
-                 THEN 'patient has a future appointment' END,
-            CASE WHEN w.id IS NOT NULL AND w.status NOT IN ('pending', 'sent')
-                 THEN format('workflow %s', w.status) END)
-        WHEN a.id IS NULL THEN 'appointment not found'
-        ELSE coalesce(barnum.patient_block_reason(a.patient_id),
-                      barnum.appointment_event_stale(e.event_type, a, w, p_now))
-    END
-$$;
-
 -- The payload of one event (SPEC §3): the seed's shape plus event_id, the
 -- appointment as it is now (or the patient, for patient events) and the
 -- action links minted for this delivery.
 CREATE OR REPLACE FUNCTION barnum.event_payload(
     e barnum.whatsapp_events, a barnum.appointments, p_links jsonb, p_tz text)
 RETURNS jsonb
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 AS $$
-    SELECT jsonb_build_object(
+BEGIN
+    RETURN jsonb_build_object(
                'event_id', e.id, 'event_type', e.event_type, 'entity_id', e.entity_id,
                'created_at', to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'),
                'workflow_id', e.workflow_id)
@@ -104,5 +82,6 @@ AS $$
            ELSE jsonb_build_object(
                    'appointment', barnum.appointment_json(a, p_tz),
                    'action_links', coalesce(p_links, '{}'::jsonb))
-           END
+           END;
+END
 $$;
