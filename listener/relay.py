@@ -67,6 +67,8 @@ BACKOFF_CAP = 5.0
 #: When due work exists but could not be claimed (another relay holds the
 #: rows), look again after this long instead of spinning.
 BUSY_RETRY = 0.05
+#: After going idle, look once more this much later (see _deliver_loop).
+SETTLE = 0.05
 #: At most this many error strings in a summary.
 MAX_SUMMARY_ERRORS = 50
 
@@ -658,10 +660,12 @@ class Relay:
     async def _deliver_loop(self) -> None:
         assert self.deliverer is not None
         failures = 0
+        claimed = 0
+        settled = True
         while not self.stopping:
             self._wake.clear()
             try:
-                await self.deliverer.drain()
+                claimed = await self.deliverer.drain()
                 if self.stopping:
                     break
                 # Outcomes still being recorded change what is due (a retry's
@@ -683,6 +687,21 @@ class Relay:
                 await self._sleep(_backoff(failures))
                 continue
             delay = self._delay_until(due)
+            if delay == BUSY_RETRY and claimed:
+                # Work arrived between our last claim and going idle (it sent
+                # no NOTIFY: we were not registered yet).  Claim it now; the
+                # pause is only for rows another relay holds.
+                delay = 0.0
+            if claimed:
+                settled = False
+            elif not settled and (delay is None or delay > SETTLE):
+                # Just gone idle.  A producer whose trigger ran before our
+                # registration committed sent no NOTIFY, and if it committed
+                # after relay_idle's snapshot we did not see its work either:
+                # look once more shortly (its commit takes an fsync or so).
+                # The sweep bounds anything that still slips through.
+                settled = True
+                delay = SETTLE
             if delay is None or delay > 0:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), delay)
