@@ -168,6 +168,17 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION barnum.check_endpoint_name(p_name text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+    IF p_name IS NULL OR p_name !~ '^[A-Za-z0-9_.-]{1,64}$' THEN
+        PERFORM barnum.fail('BN400', format('endpoint name must be 1–64 of A-Z a-z 0-9 _ . -, got %L', p_name));
+    END IF;
+    RETURN p_name;
+END
+$$;
+
 -- Make sure an endpoint with this name exists and points at this URL.
 -- Never re-enables one an operator disabled.  Returns the endpoint row.
 CREATE OR REPLACE FUNCTION barnum.ensure_endpoint(p_name text, p_url text) RETURNS jsonb
@@ -177,9 +188,7 @@ AS $$
 DECLARE
     ep barnum.webhook_endpoints;
 BEGIN
-    IF p_name IS NULL OR p_name !~ '^[A-Za-z0-9_.-]{1,64}$' THEN
-        PERFORM barnum.fail('BN400', format('endpoint name must be 1–64 of A-Z a-z 0-9 _ . -, got %L', p_name));
-    END IF;
+    PERFORM barnum.check_endpoint_name(p_name);
     PERFORM barnum.check_endpoint_url(p_url);
     INSERT INTO barnum.webhook_endpoints (name, url) VALUES (p_name, p_url)
     ON CONFLICT (name) DO UPDATE SET url = EXCLUDED.url

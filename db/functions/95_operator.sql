@@ -31,9 +31,7 @@ AS $$
 DECLARE
     ep barnum.webhook_endpoints;
 BEGIN
-    IF p_name IS NULL OR p_name !~ '^[A-Za-z0-9_.-]{1,64}$' THEN
-        PERFORM barnum.fail('BN400', format('endpoint name must be 1–64 of A-Z a-z 0-9 _ . -, got %L', p_name));
-    END IF;
+    PERFORM barnum.check_endpoint_name(p_name);
     PERFORM barnum.check_receiver_url(p_url, p_allow_http);
     IF p_event_types IS NULL OR cardinality(p_event_types) = 0
        OR EXISTS (SELECT 1 FROM unnest(p_event_types) t WHERE t !~ '^[a-z_*?]+(\.[a-z_*?]+)?$') THEN
