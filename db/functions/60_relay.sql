@@ -122,7 +122,12 @@ BEGIN
                              WHEN src.reason LIKE 'dead:%' THEN 'dead_letter' ELSE 'skipped' END,
                locked_by = CASE WHEN src.reason IS NULL THEN p_worker END,
                locked_until = CASE WHEN src.reason IS NULL THEN v_now + p_lease END,
+               -- A reclaimed lease's last attempt may have reached the
+               -- receiver before its worker died: say so next to the reason.
                last_error = CASE WHEN src.reason IS NULL THEN d.last_error
+                                 WHEN d.status = 'processing' AND src.reason NOT LIKE 'dead:%'
+                                 THEN src.reason || ' (after a lease expired: attempt '
+                                      || d.attempts || ' may have been delivered)'
                                  ELSE regexp_replace(src.reason, '^dead:', '') END
           FROM src
          WHERE d.id = src.id
