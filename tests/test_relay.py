@@ -299,7 +299,7 @@ def test_retry_then_success(db_conn: Conn, receiver: Receiver,
     add_endpoint(db_conn, "flaky", receiver.url("/flaky"))
     start_relay("--sweep-interval", "3600")
     [event_id] = add_appointments(db_conn, 1)
-    wait_until(lambda: all_sent(db_conn, 1), timeout=10, message="delivered on the second attempt")
+    wait_until(lambda: all_sent(db_conn, 1), timeout=30, message="delivered on the second attempt")
     hits = receiver.snapshot("/flaky")
     assert [h.attempt for h in hits] == [1, 2] and all(h.event_id == event_id for h in hits)
     assert hits[1].received_at - hits[0].received_at >= 0.75  # 1 s base backoff, -20 % jitter
@@ -338,7 +338,7 @@ def test_timeout_is_retried(db_conn: Conn, receiver: Receiver,
     add_endpoint(db_conn, "slow", receiver.url("/slow"), timeout_ms=300)
     start_relay("--sweep-interval", "3600")
     add_appointments(db_conn, 1)
-    wait_until(lambda: all_sent(db_conn, 1), timeout=10, message="delivered after a timeout")
+    wait_until(lambda: all_sent(db_conn, 1), timeout=30, message="delivered after a timeout")
     [d] = deliveries(db_conn)
     audit = attempts(db_conn, d["id"])
     assert len(audit) == 2 and d["attempts"] == 2
@@ -354,10 +354,10 @@ def test_retry_after_is_honoured(db_conn: Conn, receiver: Receiver,
     add_endpoint(db_conn, "busy", receiver.url("/busy"))
     start_relay("--sweep-interval", "3600")
     add_appointments(db_conn, 1)
-    wait_until(lambda: all_sent(db_conn, 1), timeout=10, message="delivered after Retry-After")
+    wait_until(lambda: all_sent(db_conn, 1), timeout=30, message="delivered after Retry-After")
     first, second = receiver.snapshot("/busy")
     assert second.received_at - first.received_at >= 3.0  # backoff alone would be ~1 s
-    assert second.received_at - first.received_at < 8.0  # …and the timer, not a sweep, fired
+    assert second.received_at - first.received_at < 30.0  # …and the timer, not the hour-long sweep, fired
 
 
 # ---------------------------------------------------------------- signing and routing
