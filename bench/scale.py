@@ -280,33 +280,56 @@ def explain(db: C.Database, name: str, out: Path) -> list[str]:
 # ------------------------------------------------------------------ purge
 
 
-def purge(db: C.Database, name: str, n_purge: int, max_seconds: float) -> dict[str, Any]:
+def purge(db: C.Database, name: str, upto: int, batch: int, max_seconds: float,
+          baseline_s: float = 20.0) -> dict[str, Any]:
+    """Purge until the oldest ``upto`` history events are gone, tick(p_batch = batch)
+    back to back, while a claimer claims continuously; a sampler reads the
+    claimer's wait event from pg_stat_activity every ~10 ms."""
+    from collections import Counter
+
     dsn = db.dsn(name)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        # Retention such that the oldest n_purge history events qualify.
+        # Retention such that the oldest `upto` history events qualify.
         cutoff_age = conn.execute(
             """SELECT (now() - (m.base + %s * interval '2 s') + interval '1 s')::text FROM public.bench_meta m""",
-            (n_purge,)).fetchone()[0]  # type: ignore[index]
+            (upto,)).fetchone()[0]  # type: ignore[index]
         expected = conn.execute(
             """SELECT count(*) FROM barnum.whatsapp_events
                 WHERE status IN ('sent', 'skipped', 'dead_letter') AND created_at < now() - %s::interval""",
             (cutoff_age,)).fetchone()[0]  # type: ignore[index]
+        outbox = conn.execute("SELECT count(*) FROM barnum.whatsapp_events").fetchone()[0]  # type: ignore[index]
     guard = C.Guard()
     guard.__enter__()
     load = guard.load
     claims: list[tuple[float, float, int]] = []  # (start wall, ms, rows)
+    samples: list[tuple[float, str]] = []
     stop = threading.Event()
+    claimer_pid: list[int] = []
 
     def claimer() -> None:
         with psycopg.connect(dsn, autocommit=True) as conn:
+            claimer_pid.append(int(conn.execute("SELECT pg_backend_pid()").fetchone()[0]))  # type: ignore[index]
             while not stop.is_set():
                 t = time.time()
                 dt, n = claim_once(conn, "bench-purge")
                 claims.append((t, dt, n))
 
-    th = threading.Thread(target=claimer, daemon=True)
-    th.start()
-    time.sleep(20)  # baseline: claims without the purge
+    def sampler() -> None:
+        while not claimer_pid and not stop.is_set():
+            time.sleep(0.01)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            while not stop.is_set():
+                row = conn.execute(
+                    "SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU (no wait event)') "
+                    "FROM pg_stat_activity WHERE pid = %s AND state = 'active'", (claimer_pid[0],)).fetchone()
+                if row:
+                    samples.append((time.time(), str(row[0])))
+                time.sleep(0.01)
+
+    threads = [threading.Thread(target=claimer, daemon=True), threading.Thread(target=sampler, daemon=True)]
+    for th in threads:
+        th.start()
+    time.sleep(baseline_s)  # baseline: claims without the purge
     base_end = time.time()
     ticks: list[float] = []
     purged = 0
@@ -317,32 +340,43 @@ def purge(db: C.Database, name: str, n_purge: int, max_seconds: float) -> dict[s
         purge_start = time.time()
         while time.monotonic() - t0 < max_seconds:
             t = time.perf_counter()
-            res = conn.execute("SELECT barnum.tick()").fetchone()[0]  # type: ignore[index]
+            res = conn.execute("SELECT barnum.tick(%s)", (batch,)).fetchone()[0]  # type: ignore[index]
             ticks.append((time.perf_counter() - t) * 1000)
             n = int(res.get("events_purged", 0))
             purged += n
             if n == 0 and "skipped" not in res:
                 break
-            if len(ticks) % 500 == 0:
-                log(f"purged {purged:,}/{expected:,} in {time.monotonic() - t0:.0f} s")
+            if len(ticks) % max(1, 500_000 // batch) == 0:
+                log(f"purged {purged:,}/{expected:,} in {time.monotonic() - t0:.0f} s (p_batch {batch})")
         purge_s = time.monotonic() - t0
         purge_end = time.time()
         left = conn.execute("SELECT count(*) FROM barnum.whatsapp_events WHERE created_at < now() - %s::interval",
                             (cutoff_age,)).fetchone()[0]  # type: ignore[index]
-    time.sleep(5)
+    time.sleep(3)
     stop.set()
-    th.join(30)
+    for th in threads:
+        th.join(30)
     guard.__exit__()
     before = [ms for (t, ms, n) in claims if t < base_end]
     during = [ms for (t, ms, n) in claims if purge_start <= t <= purge_end]
-    during_full = [ms for (t, ms, n) in claims if purge_start <= t <= purge_end and n > 0]
     worst = max(((ms, t - purge_start) for (t, ms, n) in claims if purge_start <= t <= purge_end), default=(0, 0))
-    return {"expected": expected, "purged": purged, "left": left, "purge_s": purge_s,
+
+    def tally(pred: Any) -> list[tuple[str, float]]:
+        c = Counter(ev for (t, ev) in samples if pred(t))
+        total = sum(c.values()) or 1
+        return [(ev, 100.0 * k / total) for ev, k in c.most_common(5)]
+
+    slow_windows = [(t, t + ms / 1000) for (t, ms, n) in claims if purge_start <= t <= purge_end and ms > 100]
+    return {"expected": expected, "purged": purged, "left": left, "purge_s": purge_s, "batch": batch,
+            "outbox_before": outbox,
             "rate": purged / purge_s if purge_s else float("nan"), "ticks": summarize(ticks),
             "claims_before": summarize(before), "claims_during": summarize(during),
-            "claims_during_rows": summarize(during_full), "worst_at_s": worst[1], "load": load,
-            "over_100": sum(ms > 100 for ms in during), "retention": str(cutoff_age),
-            "contaminated": guard.contaminated}
+            "worst_at_s": worst[1], "load": load,
+            "over_100": sum(ms > 100 for ms in during), "over_50": sum(ms > 50 for ms in during),
+            "retention": str(cutoff_age), "contaminated": guard.contaminated,
+            "waits_before": tally(lambda t: t < base_end),
+            "waits_during": tally(lambda t: purge_start <= t <= purge_end),
+            "waits_slow": tally(lambda t: any(a <= t <= b for a, b in slow_windows))}
 
 
 # ------------------------------------------------------------------ main
@@ -354,6 +388,8 @@ def main() -> int:
     p.add_argument("--live", type=int, default=20_000, help="live appointments with a pending due delivery")
     p.add_argument("--small-history", type=int, default=10_000, help="history events of the small outbox")
     p.add_argument("--purge", type=int, default=5_000_000, help="old events the retention purge removes")
+    p.add_argument("--tick-batches", default="1000",
+                   help="comma-separated tick(p_batch) values: the purge is split into equal phases, one per value")
     p.add_argument("--claims", type=int, default=200)
     p.add_argument("--purge-max-seconds", type=float, default=3600)
     p.add_argument("--skip-small", action="store_true")
@@ -383,15 +419,20 @@ def main() -> int:
             print("  " + line)
         log(f"full plans in {work}")
         if not args.skip_purge:
-            res["purge"] = purge(db, big, args.purge, args.purge_max_seconds)
-            r = res["purge"]
-            log(f"purge: {r['purged']:,} of {r['expected']:,} events in {r['purge_s']:.0f} s "
-                f"({r['rate']:,.0f}/s, left {r['left']}); tick p50 {r['ticks']['p50']:.1f} ms, "
-                f"p99 {r['ticks']['p99']:.1f}, max {r['ticks']['max']:.1f}; claims before: "
-                f"p50 {r['claims_before']['p50']:.1f} p99 {r['claims_before']['p99']:.1f} "
-                f"max {r['claims_before']['max']:.1f}; during: p50 {r['claims_during']['p50']:.1f} "
-                f"p99 {r['claims_during']['p99']:.1f} max {r['claims_during']['max']:.1f} ms "
-                f"({r['over_100']} over 100 ms)")
+            batches = [int(x) for x in args.tick_batches.split(",") if x]
+            res["purge"] = []
+            for i, b in enumerate(batches):
+                upto = args.purge * (i + 1) // len(batches)
+                r = purge(db, big, upto, b, args.purge_max_seconds)
+                res["purge"].append(r)
+                log(f"purge (p_batch {b}): {r['purged']:,} of {r['expected']:,} events in {r['purge_s']:.0f} s "
+                    f"({r['rate']:,.0f}/s, left {r['left']}); tick p50 {r['ticks']['p50']:.1f} ms, "
+                    f"p99 {r['ticks']['p99']:.1f}, max {r['ticks']['max']:.1f}; claims before: "
+                    f"p50 {r['claims_before']['p50']:.1f} p99 {r['claims_before']['p99']:.1f} "
+                    f"max {r['claims_before']['max']:.1f}; during: p50 {r['claims_during']['p50']:.1f} "
+                    f"p99 {r['claims_during']['p99']:.1f} max {r['claims_during']['max']:.1f} ms "
+                    f"({r['over_100']} over 100 ms); waits during {r['waits_during']}; "
+                    f"in claims > 100 ms {r['waits_slow']}")
     finally:
         db.close()
     if not args.no_record:
@@ -438,24 +479,30 @@ def record(command: str, args: argparse.Namespace, db: C.Database, res: dict[str
                   "functions; key lines: statement | node):", "", "```"]
         lines += res["big_explain"]
         lines += ["```"]
-    r = res.get("purge")
-    if r:
-        lines += ["", f"Retention purge: `retention` = {r['retention']} so {r['expected']:,} events qualify; "
-                  "tick() called back to back (1,000 events per call, deliveries and attempts by cascade) while "
-                  "one connection claims 50 + records + recycles continuously.", "",
-                  "| measure | result |", "|---|---|",
-                  f"| events purged | {r['purged']:,} of {r['expected']:,} (left: {r['left']:,}) |",
-                  f"| purge duration | **{r['purge_s']:.0f} s** ({r['rate']:,.0f} events/s, "
-                  f"≈ {r['rate'] * 3:,.0f} rows/s with deliveries and attempts) |",
-                  f"| tick() while purging, p50 / p99 / max | {r['ticks']['p50']:.1f} / {r['ticks']['p99']:.1f} / "
-                  f"{r['ticks']['max']:.1f} ms ({r['ticks']['n']} calls) |",
-                  f"| claim before the purge (20 s), p50 / p99 / max | {r['claims_before']['p50']:.1f} / "
-                  f"{r['claims_before']['p99']:.1f} / {r['claims_before']['max']:.1f} ms |",
-                  f"| claim during the purge, p50 / p99 / **max (longest stall)** | {r['claims_during']['p50']:.1f} / "
-                  f"{r['claims_during']['p99']:.1f} / **{r['claims_during']['max']:.1f} ms** "
-                  f"({r['claims_during']['n']} claims, {r['over_100']} over 100 ms; worst at +{r['worst_at_s']:.0f} s) |",
-                  f"| load average before | {r['load']}"
-                  + (" — **another benchmark ran during the purge**" if r.get("contaminated") else "") + " |"]
+    purges = res.get("purge") or []
+    if purges:
+        def waits(ws: list[tuple[str, float]]) -> str:
+            return ", ".join(f"{ev} {pc:.0f} %" for ev, pc in ws) or "–"
+        lines += ["", "Retention purge: `retention` set so the oldest history events qualify; tick(p_batch) called "
+                  "back to back (p_batch events per call, their deliveries and attempts by ON DELETE CASCADE) while "
+                  "one connection claims 50 + records + recycles continuously (20 s of claims first, as the "
+                  "baseline). The claimer's wait event is sampled from pg_stat_activity every ~10 ms.", "",
+                  "| measure | " + " | ".join(f"phase {i + 1}: tick(p_batch = {r['batch']})" for i, r in enumerate(purges)) + " |",
+                  "|---|" + "---|" * len(purges)]
+
+        def row(label: str, f: Any) -> None:
+            lines.append(f"| {label} | " + " | ".join(f(r) for r in purges) + " |")
+        row("outbox events at the start", lambda r: f"{r['outbox_before']:,}")
+        row("events purged (cascade: deliveries + attempts)", lambda r: f"{r['purged']:,} of {r['expected']:,} (left {r['left']:,})")
+        row("purge duration", lambda r: f"**{r['purge_s']:.0f} s** ({r['rate']:,.0f} events/s)")
+        row("tick() p50 / p99 / max", lambda r: f"{r['ticks']['p50']:.1f} / {r['ticks']['p99']:.1f} / {r['ticks']['max']:.1f} ms ({r['ticks']['n']} calls)")
+        row("claim before the purge p50 / p99 / max", lambda r: f"{r['claims_before']['p50']:.1f} / {r['claims_before']['p99']:.1f} / {r['claims_before']['max']:.1f} ms")
+        row("claim during the purge p50 / p99 / **max = longest stall**", lambda r: f"{r['claims_during']['p50']:.1f} / {r['claims_during']['p99']:.1f} / **{r['claims_during']['max']:.1f} ms**")
+        row("claims during: count, > 50 ms, > 100 ms", lambda r: f"{r['claims_during']['n']}, {r['over_50']}, {r['over_100']} (worst at +{r['worst_at_s']:.0f} s)")
+        row("claimer wait events before", lambda r: waits(r["waits_before"]))
+        row("claimer wait events during", lambda r: waits(r["waits_during"]))
+        row("… within claims > 100 ms", lambda r: waits(r["waits_slow"]))
+        row("load average before", lambda r: r["load"] + (" — **another benchmark ran**" if r.get("contaminated") else ""))
     C.append_results("\n".join(lines))
 
 
