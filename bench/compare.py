@@ -274,6 +274,7 @@ def run_worker(env: Env, argv: list[str], expect: int, timeout: float, guard: C.
     log_path = env.work / f"worker-{uuid.uuid4().hex[:6]}.log"
     env.rx.reset()
     load = guard.load
+    time.sleep(1.0)  # let the postmaster reap the setup's backends (their CPU moves to cutime)
     pg0 = env.db.pg_cpu()
     rc0 = env.rx.cpu()
     t0 = time.monotonic()
@@ -292,6 +293,7 @@ def run_worker(env: Env, argv: list[str], expect: int, timeout: float, guard: C.
             got = env.rx.count()
         wall = time.monotonic() - t0
         cpu = C.tree_cpu(proc.pid)
+        time.sleep(0.5)  # the worker's own finished backends get reaped
         pg = env.db.pg_cpu() - pg0
         rc = env.rx.cpu() - rc0
     finally:
@@ -372,9 +374,11 @@ def throughput(env: Env, system: str, guard: C.Guard) -> dict[str, Any]:
 
 def db_only(env: Env, dsn: str, n: int, guard: C.Guard) -> dict[str, Any]:
     load = guard.load
+    time.sleep(1.0)  # let the postmaster reap the setup's backends
     pg0 = env.db.pg_cpu()
     out = subprocess.run([*py(), "--worker-db", dsn, str(n), "200", "2"], capture_output=True, text=True,
                          timeout=600, cwd=C.ROOT)
+    time.sleep(0.5)
     pg = env.db.pg_cpu() - pg0
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-3000:])
