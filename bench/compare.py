@@ -113,11 +113,11 @@ async def http_worker(url: str, n: int, client: str) -> None:
     else:
         import httpx
 
-        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=32, max_keepalive_connections=32)) as s:
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=32, max_keepalive_connections=32)) as hc:
             async def one(i: int) -> None:
                 eid, body = bodies[i % len(bodies)]
                 async with sem:
-                    r = await s.post(url, content=body, headers={
+                    r = await hc.post(url, content=body, headers={
                         "Content-Type": "application/json", "X-Webhook-Signature": sign(body),
                         "X-Event-Id": f"{eid}-{i}"})
                     r.raise_for_status()

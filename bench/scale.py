@@ -160,9 +160,10 @@ def build(db: C.Database, name: str, history: int, live: int) -> dict[str, Any]:
                       (SELECT count(*) FROM barnum.webhook_deliveries),
                       (SELECT count(*) FROM barnum.webhook_attempts),
                       pg_size_pretty(pg_database_size(current_database()))""").fetchone()
-    log(f"built: events {sizes[0]:,}, deliveries {sizes[1]:,}, attempts {sizes[2]:,}, "  # type: ignore[index]
-        f"database {sizes[3]} (load {load_s:.0f} s, vacuum {vac_s:.0f} s)")  # type: ignore[index]
-    return {"events": sizes[0], "deliveries": sizes[1], "attempts": sizes[2], "size": sizes[3],  # type: ignore[index]
+    assert sizes is not None
+    log(f"built: events {sizes[0]:,}, deliveries {sizes[1]:,}, attempts {sizes[2]:,}, "
+        f"database {sizes[3]} (load {load_s:.0f} s, vacuum {vac_s:.0f} s)")
+    return {"events": sizes[0], "deliveries": sizes[1], "attempts": sizes[2], "size": sizes[3],
             "load_s": load_s, "vacuum_s": vac_s}
 
 
@@ -247,33 +248,66 @@ def explain(db: C.Database, name: str, out: Path) -> list[str]:
         notices.append("\n".join(r[0] for r in plan))
     text = "\n\n".join(notices)
     out.write_text(text)
-    keys = []
+    return key_lines(text)
+
+
+SMALL_TABLES = ("patients", "professionals", "specialties", "settings", "webhook_endpoints", "relay_waiters",
+                "inbound_callbacks")
+
+
+def key_lines(text: str) -> list[str]:
+    """The scan nodes of each statement in an auto_explain dump, one entry per
+    distinct (section, statement, scan); single-row FK probes and scans of
+    tiny tables (settings, endpoints, …) are left out."""
+    blocks: list[str] = []
+    for line in text.splitlines():
+        if line.startswith(("=== ", "duration: ")) or not blocks:
+            blocks.append(line)
+        else:
+            blocks[-1] += "\n" + line
+    keys: list[str] = []
+    seen: dict[str, int] = {}
     section = ""
-    for block in notices:
+    for block in blocks:
         if block.startswith("==="):
-            section = block.strip("= ")
-            continue
-        dur = re.search(r"duration: ([0-9.]+ ms)", block)
+            head, _, block = block.partition("\n")
+            section = head.strip().strip("= ")
+            if not block.strip():
+                continue
+        m = re.search(r"duration: ([0-9.]+ ms)", block)
+        dur = m.group(1) if m else "?"
         query = re.search(r"Query Text: (.*)", block)
-        q = re.sub(r"\s+", " ", (query.group(1) if query else "EXPLAIN").strip())[:80]
+        q = re.sub(r"\s+", " ", (query.group(1) if query else "EXPLAIN").strip())[:70]
+        if q.startswith(("SELECT 1 FROM ONLY", "SELECT value FROM barnum.settings")):
+            continue
         nodes: list[str] = []
-        last_was_scan = False
+        last = False
         for line in block.splitlines():
             st = line.strip().lstrip("->").strip()
             if re.match(r"(Index Scan|Index Only Scan|Bitmap Index Scan|Seq Scan|Bitmap Heap Scan)", st):
+                rel = re.search(r" on (\w+)", st)
+                if rel and rel.group(1) in SMALL_TABLES:
+                    last = False
+                    continue
                 nodes.append(re.sub(r"\s*\(cost=[^)]*\)", "", st))
-                last_was_scan = True
+                last = True
                 continue
-            if last_was_scan and st.startswith("Buffers:"):
+            if last and st.startswith("Buffers:"):
                 nodes[-1] += f"  [{st}]"
             if st.startswith("Execution Time"):
-                dur = re.search(r"([0-9.]+ ms)", st)
-            if not st.startswith(("Index Cond", "Filter", "Rows Removed", "Heap Fetches", "Recheck")):
-                last_was_scan = False
-        # Foreign-key checks and settings lookups are single-row PK probes: noise here.
-        if nodes and not q.startswith(("SELECT 1 FROM ONLY", "SELECT value FROM barnum.settings")):
-            keys.append(f"[{section}] {q}  ({dur.group(1) if dur else '?'})")
-            keys += [f"      {n}" for n in nodes]
+                m = re.search(r"([0-9.]+ ms)", st)
+                dur = m.group(1) if m else dur
+            if not st.startswith(("Index Cond", "Filter", "Rows Removed", "Heap Fetches", "Recheck", "Sort")):
+                last = False
+        if not nodes:
+            continue
+        sig = section + "|" + q + "|" + "|".join(re.sub(r"\(actual.*", "", n) for n in nodes)
+        if sig in seen:
+            seen[sig] += 1
+            continue
+        seen[sig] = 1
+        keys.append(f"[{section}] {q}  ({dur})")
+        keys += [f"      {n}" for n in nodes]
     return keys
 
 
@@ -379,6 +413,92 @@ def purge(db: C.Database, name: str, upto: int, batch: int, max_seconds: float,
             "waits_slow": tally(lambda t: any(a <= t <= b for a, b in slow_windows))}
 
 
+# ------------------------------------------------------------------ trial: tick's workflow expiry
+
+
+EXPIRY_NOW = """
+EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)
+UPDATE barnum.whatsapp_workflows w SET status = 'expired'
+  FROM barnum.appointments ap
+ WHERE w.status = 'sent' AND ap.id = w.appointment_id AND ap.starts_at < now()
+   AND w.workflow_type IN ('pre_confirmation', 'reminder')"""
+EXPIRY_PROPOSED = """
+EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)
+UPDATE barnum.whatsapp_workflows w SET status = 'expired'
+ WHERE w.id IN (SELECT x.id FROM barnum.whatsapp_workflows x
+                 WHERE x.status = 'sent' AND x.expires_at < now()
+                   AND x.workflow_type IN ('pre_confirmation', 'reminder')
+                 ORDER BY x.expires_at LIMIT 1000)"""
+EXPIRY_DDL = """
+ALTER TABLE barnum.whatsapp_workflows ADD COLUMN expires_at timestamptz;
+UPDATE barnum.whatsapp_workflows w SET expires_at = a.starts_at
+  FROM barnum.appointments a
+ WHERE a.id = w.appointment_id AND w.workflow_type IN ('pre_confirmation', 'reminder')
+   AND w.status IN ('pending', 'sent');
+CREATE INDEX whatsapp_workflows_sent_expiry_idx ON barnum.whatsapp_workflows (expires_at)
+ WHERE status = 'sent';
+ANALYZE barnum.whatsapp_workflows;
+"""
+
+
+def trial_expiry(db: C.Database, past: int, upcoming: int, guard: C.Guard) -> dict[str, Any]:
+    """tick()'s expiry of sent pre_confirmation/reminder workflows, now and with
+    a proposed ``expires_at`` column + partial index (scratch SQL, bench DB only)."""
+    name = db.fresh("expiry")
+    dsn = db.dsn(name)
+
+    def timeit(conn: psycopg.Connection[Any], q: str, n: int = 20) -> tuple[float, str]:
+        times, plan = [], ""
+        for _ in range(n):
+            with conn.transaction():
+                doc = conn.execute(q).fetchone()[0][0]  # type: ignore[index]
+                times.append(float(doc["Execution Time"]))
+                node = doc["Plan"]
+                seen = []
+                stack = [node]
+                while stack:
+                    x = stack.pop()
+                    if "Relation Name" in x:
+                        seen.append(f"{x['Node Type']} {x.get('Index Name', '')} on {x['Relation Name']}".replace("  ", " "))
+                    stack.extend(x.get("Plans", []))
+                plan = "; ".join(seen)
+                raise_rollback = psycopg.Rollback()
+                raise raise_rollback
+        return C.pct(times, 50), plan
+
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            C.seed_clinic(conn, "http://127.0.0.1:9/unused")
+            conn.execute("SET session_replication_role = replica")
+            conn.execute(
+                """INSERT INTO barnum.appointments (id, patient_id, starts_at, status)
+                   SELECT ('e' || lpad(to_hex(g), 31, '0'))::uuid,
+                          ('00000000-0000-0000-0000-' || lpad((1 + g %% 100)::text, 12, '0'))::uuid,
+                          CASE WHEN g <= %s THEN now() - g * interval '1 minute' ELSE now() + (g - %s) * interval '1 minute' END,
+                          CASE WHEN g <= %s THEN 'completed' ELSE 'scheduled' END::barnum.appointment_status
+                     FROM generate_series(1, %s) g""", (past, past, past, past + upcoming))
+            conn.execute(
+                """INSERT INTO barnum.whatsapp_workflows (workflow_type, appointment_id, patient_id, status, metadata)
+                   SELECT 'pre_confirmation', a.id, a.patient_id,
+                          CASE WHEN a.status = 'completed' THEN 'completed' ELSE 'pending' END,
+                          jsonb_build_object('starts_at', a.starts_at)
+                     FROM barnum.appointments a""")
+            conn.execute("RESET session_replication_role")
+            conn.execute("VACUUM ANALYZE")
+            # Stats taken while the upcoming workflows were still pending; then they are sent
+            # (what claims + record_attempts do all day long).
+            conn.execute("UPDATE barnum.whatsapp_workflows SET status = 'sent' WHERE status = 'pending'")
+            stale = timeit(conn, EXPIRY_NOW)
+            conn.execute("ANALYZE barnum.whatsapp_workflows")
+            fresh = timeit(conn, EXPIRY_NOW)
+            conn.execute(EXPIRY_DDL)
+            proposed = timeit(conn, EXPIRY_PROPOSED)
+        return {"past": past, "upcoming": upcoming, "stale": stale, "fresh": fresh, "proposed": proposed,
+                "load": guard.load}
+    finally:
+        db.drop(name)
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -395,9 +515,39 @@ def main() -> int:
     p.add_argument("--skip-small", action="store_true")
     p.add_argument("--skip-purge", action="store_true")
     p.add_argument("--sql", action="append", default=[], metavar="FILE")
+    p.add_argument("--trial-expiry", action="store_true",
+                   help="only: tick()'s workflow-expiry statement now vs with a proposed expires_at column")
+    p.add_argument("--past", type=int, default=1_000_000, help="trial-expiry: past (completed) appointments")
+    p.add_argument("--upcoming", type=int, default=20_000, help="trial-expiry: upcoming appointments with a sent workflow")
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args()
     command = " ".join([".venv/bin/python bench/scale.py", *sys.argv[1:]])
+    if args.trial_expiry:
+        db = C.Database(extra_settings=SETTINGS)
+        try:
+            r = C.guarded(trial_expiry, db, args.past, args.upcoming)
+        finally:
+            db.close()
+        for k in ("stale", "fresh", "proposed"):
+            print(f"{k}: {r[k][0]:.2f} ms — {r[k][1]}")
+        if not args.no_record:
+            C.append_results("\n".join([
+                f"\n## Scale: tick()'s workflow expiry — {C.now_utc()} — `{command}`\n",
+                f"{C.box_line(db)}. {args.past:,} past completed appointments (with their completed "
+                f"pre_confirmation workflows) and {args.upcoming:,} upcoming ones whose pre_confirmation "
+                "workflow is `sent`; the first UPDATE of tick()'s expiry step (nothing is due to expire), "
+                "EXPLAIN ANALYZE, median of 20, rolled back. Proposed: a `whatsapp_workflows.expires_at` "
+                "column = the appointment's starts_at for an open (pending/sent) pre_confirmation/reminder, "
+                "NULL once the workflow is closed (so its statistics describe open workflows only and the "
+                "planner trusts the index), a partial index on it WHERE status = 'sent', and the UPDATE in "
+                "bounded batches walking that index (`WHERE id IN (SELECT … ORDER BY expires_at LIMIT "
+                "p_batch)`); scratch SQL in bench/scale.py EXPIRY_DDL / EXPIRY_PROPOSED. "
+                f"Load avg before: {r['load']}.\n",
+                "| form | ms | plan (scans) |", "|---|---:|---|",
+                f"| now, statistics taken before the workflows were sent | {r['stale'][0]:.2f} | {r['stale'][1]} |",
+                f"| now, fresh statistics | {r['fresh'][0]:.2f} | {r['fresh'][1]} |",
+                f"| proposed `expires_at` + partial index | **{r['proposed'][0]:.2f}** | {r['proposed'][1]} |"]))
+        return 0
     work = C.workdir("scale")
     log(f"waiting for a quiet box… {C.wait_quiet()}")
     db = C.Database(extra_settings=SETTINGS, extra_sql=args.sql)
