@@ -12,11 +12,12 @@ One process runs one :class:`Relay`:
   (a silently dead listener is the classic failure of this design), reconnects
   it with capped exponential backoff, calls ``tick()`` and wakes the loop.
 
-Draining: claim up to ``--batch`` rows, POST them concurrently (at most
-``--concurrency`` requests in flight per process), record, and go on while
-batches come back full — with ``--batches-in-flight`` (default 2) lanes doing
-this side by side so one lane's claim/record round trips hide behind the
-other's HTTP work.
+Draining: a sliding window (:class:`Deliverer`).  Claim up to ``--batch``
+rows and POST them concurrently (at most ``--concurrency`` requests in flight
+per process); claim again as soon as there is room — up to
+``--batch × --batches-in-flight`` rows claimed and not yet recorded — so a
+slow receiver holds only its own requests, never the next claim; outcomes
+are recorded in the background, many per ``record_attempts`` call.
 
 Shutdown (SIGTERM/SIGINT): stop claiming, let in-flight requests finish
 within ``--grace`` seconds, record what finished, ``release_deliveries`` the
@@ -69,6 +70,11 @@ BACKOFF_CAP = 5.0
 BUSY_RETRY = 0.05
 #: After going idle, look once more this much later (see _deliver_loop).
 SETTLE = 0.05
+#: Longest a finished delivery waits for others of its claim to share one
+#: record_attempts call (seconds).
+LINGER = 0.005
+#: Most outcomes recorded in one record_attempts call.
+MAX_RECORD = 1000
 #: At most this many error strings in a summary.
 MAX_SUMMARY_ERRORS = 50
 
@@ -126,7 +132,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lease", type=_bounded(float, 1, 3600), default=60.0, metavar="SECONDS",
                         help="claim lease; a crashed relay's rows are reclaimed after it (default 60)")
     parser.add_argument("--batches-in-flight", type=_bounded(int, 1, 16), default=2, metavar="N",
-                        help="batches processed side by side to hide claim/record round trips (default 2)")
+                        help="window: up to N × --batch deliveries claimed and not yet recorded (default 2)")
     parser.add_argument("--processes", type=_bounded(int, 1, 256), default=1,
                         help="relay processes to run (one per core uses a multi-core box; default 1)")
     parser.add_argument("--metrics-port", type=_bounded(int, 0, 65535), default=None,
@@ -197,7 +203,17 @@ def _describe(exc: BaseException) -> str:
 
 
 class Deliverer:
-    """Claims batches, POSTs them, records the outcomes.
+    """Claims due deliveries, POSTs them, records the outcomes.
+
+    A sliding window, not batch-at-a-time: up to ``window`` deliveries
+    (``batch × batches_in_flight``) may be claimed and not yet recorded.  The
+    claim loop takes another batch as soon as a quarter of a batch of room is
+    free, so one slow request (a receiver timing out) holds only its own slot
+    instead of keeping the next batch waiting for it.  Outcomes go to one
+    background recorder that sends them in ``record_attempts`` calls of up to
+    ``MAX_RECORD`` rows (group commit: what finished while the last call ran
+    goes in the next one).  A slot is freed only when its outcome is recorded,
+    so a slow database pushes back on claiming and no lease runs out unrecorded.
 
     Shared by the long-running :class:`Relay`, ``--once`` and the shim's
     in-process ``POST /api/internal`` (:func:`run_once`).
@@ -219,7 +235,8 @@ class Deliverer:
         self.transport = transport
         self.worker = worker
         self.batch = batch
-        self.batches_in_flight = max(1, batches_in_flight)
+        self.window = batch * max(1, batches_in_flight)
+        self.min_claim = max(1, batch // 4)
         self.lease_seconds = lease
         self.lease = timedelta(seconds=lease)
         self.default_key = config.signing_key
@@ -230,106 +247,142 @@ class Deliverer:
         #: Set when in-flight requests must be abandoned (grace period over).
         self.abort = asyncio.Event()
         self._keys: dict[str, bytes | None] = {}
-        self._recording: set[asyncio.Task[None]] = set()
-        self._record_slots = asyncio.Semaphore(self.batches_in_flight + 1)
-        #: Called after a batch with failures was recorded (new due times).
+        #: Claimed rows whose outcome is not recorded yet (nor given up on).
+        self._open = 0
+        self._room = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: Requests not finished yet (a subset of the open rows).
+        self._posting = 0
+        self._results: list[dict[str, Any]] = []
+        self._result_added = asyncio.Event()
+        self._recorder: asyncio.Task[None] | None = None
+        #: Called after outcomes with failures were recorded (new due times).
         self.on_recorded: Callable[[], None] | None = None
 
-    # -- one pass --------------------------------------------------------
+    # -- claiming --------------------------------------------------------
 
     async def drain(self) -> int:
-        """Claim and deliver until a batch comes back short; rows claimed."""
-        if self.stopping:
-            return 0
-        first = await self.claim()
-        if len(first) < self.batch or self.batches_in_flight == 1:
-            return await self._lane(first)
-        lanes = [self._lane(first)] + [self._lane(None) for _ in range(self.batches_in_flight - 1)]
-        outcomes = await asyncio.gather(*lanes, return_exceptions=True)
+        """Claim and start deliveries until a claim comes back short; rows
+        claimed.  Does not wait for the requests: see :meth:`settle`."""
         total = 0
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
-            total += outcome
-        return total
-
-    async def _lane(self, rows: list[Any] | None) -> int:
-        total = 0
-        while True:
-            if rows is None:
-                if self.stopping:
-                    break
-                rows = await self.claim()
+        while not self.stopping and not self.abort.is_set():
+            self._room.clear()
+            room = self.window - self._open
+            if room < self.min_claim:
+                await self._wait_for(self._room)
+                continue
+            limit = min(self.batch, room)
+            rows = await self.claim(limit)
             total += len(rows)
-            if rows:
-                await self.process(rows)
-            if len(rows) < self.batch or self.stopping:
+            self._start(rows)
+            if len(rows) < limit:
                 break
-            rows = None
         return total
 
-    async def claim(self) -> list[Any]:
+    async def claim(self, limit: int | None = None) -> list[Any]:
         rows: list[Any] = await self.pool.fetch(
-            queries.CLAIM_DELIVERIES, self.worker, self.batch, self.lease, timeout=DB_TIMEOUT
+            queries.CLAIM_DELIVERIES, self.worker, limit or self.batch, self.lease, timeout=DB_TIMEOUT
         )
         self.stats.claimed += len(rows)
         return rows
 
-    async def process(self, rows: list[Any]) -> None:
-        """Deliver one claimed batch concurrently and record it in one call."""
-        tasks = [asyncio.ensure_future(self._deliver(row)) for row in rows]
-        all_done = asyncio.ensure_future(asyncio.wait(tasks))
-        aborted = asyncio.ensure_future(self.abort.wait())
-        try:
-            await asyncio.wait({all_done, aborted}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            aborted.cancel()
-            if not all_done.done():
-                # Grace period over: abandon what is still in flight; those
-                # rows are handed back by release_deliveries.
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                all_done.cancel()
-        results: list[dict[str, Any]] = []
-        for t in tasks:
-            if not t.done() or t.cancelled():
-                continue
-            exc = t.exception()
-            if exc is not None:
-                logs.log(log, logging.ERROR, "delivery task failed", error=_describe(exc))
-                continue
-            outcome = t.result()
-            if outcome is not None:
-                results.append(outcome)
-        if not results:
-            return
-        for r in results:
-            metrics.DELIVERY_SECONDS.observe((r.get("duration_ms") or 0) / 1000.0)
-            metrics.DELIVERIES.labels(
-                outcome="delivered" if r["ok"] else ("retry" if r.get("retryable") else "dead_letter")).inc()
-        # Record in the background: the next claim need not wait for this
-        # commit.  A bounded number of records may be outstanding (back
-        # pressure when the database is slow); shutdown waits for them all
-        # (flush) before releasing leftovers.
-        await self._record_slots.acquire()
-        recording = asyncio.create_task(self._record_in_background(results))
-        self._recording.add(recording)
-        recording.add_done_callback(self._recording.discard)
+    def _start(self, rows: list[Any]) -> None:
+        self._open += len(rows)
+        for row in rows:
+            task = asyncio.create_task(self._deliver_one(row))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
-    async def _record_in_background(self, results: list[dict[str, Any]]) -> None:
+    async def _wait_for(self, event: asyncio.Event) -> None:
+        """Wait for ``event`` or the abort, whichever comes first."""
+        waiters = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(self.abort.wait())]
         try:
-            await self.record(results)
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            self._record_slots.release()
-        if self.on_recorded is not None and not all(r["ok"] for r in results):
-            # Retries got new due times: the relay's timer must look again.
-            self.on_recorded()
+            for w in waiters:
+                w.cancel()
+
+    def _free(self, n: int) -> None:
+        self._open -= n
+        self._room.set()
+
+    # -- delivering ------------------------------------------------------
+
+    async def _deliver_one(self, row: Any) -> None:
+        queued = False
+        self._posting += 1
+        try:
+            result = await self._deliver(row)
+            if result is not None:
+                metrics.DELIVERY_SECONDS.observe((result.get("duration_ms") or 0) / 1000.0)
+                metrics.DELIVERIES.labels(
+                    outcome="delivered" if result["ok"] else ("retry" if result["retryable"] else "dead_letter")).inc()
+                self._results.append(result)
+                queued = True
+        except Exception as exc:  # noqa: BLE001 — a bug here must not leak the slot
+            logs.log(log, logging.ERROR, "delivery task failed", error=_describe(exc))
+        finally:
+            # (A cancelled request — grace period over — is not recorded:
+            # release_deliveries hands its row back.)
+            self._posting -= 1
+            if queued:
+                self._result_added.set()
+                self._kick_recorder()
+            else:
+                self._free(1)
+
+    async def settle(self) -> None:
+        """Wait until every started request has finished — or, once the
+        grace period is over (``abort``), cancel what is still in flight."""
+        while self._tasks:
+            if self.abort.is_set():
+                for task in list(self._tasks):
+                    task.cancel()
+                await asyncio.gather(*list(self._tasks), return_exceptions=True)
+                return
+            everything = asyncio.ensure_future(asyncio.wait(list(self._tasks)))
+            aborted = asyncio.ensure_future(self.abort.wait())
+            try:
+                await asyncio.wait({everything, aborted}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                aborted.cancel()
+                everything.cancel()
+
+    # -- recording -------------------------------------------------------
+
+    def _kick_recorder(self) -> None:
+        if self._recorder is None or self._recorder.done():
+            self._recorder = asyncio.create_task(self._record_loop(), name="barnum-relay-record")
+
+    async def _record_loop(self) -> None:
+        while self._results:
+            # Requests of the same claim finish within milliseconds of each
+            # other: give them a moment to join this call (at most LINGER,
+            # never while stopping or when nothing else is in flight).
+            deadline = time.monotonic() + LINGER
+            while (len(self._results) < self.batch and self._posting > 0 and not self.stopping
+                   and (left := deadline - time.monotonic()) > 0):
+                self._result_added.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._result_added.wait(), left)
+            chunk = self._results[:MAX_RECORD]
+            del self._results[:MAX_RECORD]
+            try:
+                await self.record(chunk)
+            finally:
+                self._free(len(chunk))
+            if self.on_recorded is not None and not all(r["ok"] for r in chunk):
+                # Retries got new due times: the relay's timer must look again.
+                self.on_recorded()
 
     async def flush(self) -> None:
-        """Wait until every outstanding record_attempts call has finished."""
-        while self._recording:
-            await asyncio.gather(*list(self._recording), return_exceptions=True)
+        """Wait until every finished request's outcome has been recorded."""
+        while self._results or (self._recorder is not None and not self._recorder.done()):
+            if self._recorder is None or self._recorder.done():
+                self._kick_recorder()
+            assert self._recorder is not None
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._recorder)
 
     def _key(self, secret: str | None) -> bytes | None:
         if not secret:
@@ -452,6 +505,7 @@ async def process_due(
     try:
         await d.drain()
     finally:
+        await d.settle()
         await d.flush()
         if d.abort.is_set() or d.stopping:
             await _release(pool, worker)
@@ -570,7 +624,7 @@ class Relay:
                     self.config.database_url or "",
                     public_url=self.config.public_url,
                     min_size=1,
-                    # lanes + background records + timer/sweep
+                    # claims + the recorder + relay_idle + sweep, with room to spare
                     max_size=2 * self.options.batches_in_flight + 3,
                     application_name="barnum-relay",
                 )
@@ -636,11 +690,15 @@ class Relay:
                 await sweeper
 
     async def _shutdown(self) -> None:
-        if self._grace_timer is not None:
-            self._grace_timer.cancel()
         if self.pool is not None and self.deliverer is not None:
+            # In-flight requests get the rest of the grace period (the timer
+            # set by request_stop aborts them), then outcomes are recorded
+            # and whatever did not finish is handed back.
+            await self.deliverer.settle()
             await self.deliverer.flush()
             await _release(self.pool, self.worker)
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
         await self.transport.close()
         if self.listen_conn is not None:
             with contextlib.suppress(Exception):
@@ -661,16 +719,19 @@ class Relay:
         assert self.deliverer is not None
         failures = 0
         claimed = 0
-        settled = True
+        # False until we have looked once more after registering as waiting
+        # (see below); the first registration needs that look too.
+        settled = False
         while not self.stopping:
             self._wake.clear()
             try:
                 claimed = await self.deliverer.drain()
                 if self.stopping:
                     break
-                # Outcomes still being recorded change what is due (a retry's
-                # new time): the timer must see them, so wait for them first.
-                await self.deliverer.flush()
+                # Requests may still be in flight (a slow receiver): they
+                # finish in the background.  A failure among them wakes this
+                # loop once recorded (on_recorded), so the timer sees the
+                # retry's new due time.
                 # Going idle: register as waiting, so producers NOTIFY us
                 # (they do not while every relay is busy), and get the timer.
                 due = await self.pool.fetchval(queries.RELAY_IDLE, self.worker, self._waiter_ttl,
@@ -687,19 +748,24 @@ class Relay:
                 await self._sleep(_backoff(failures))
                 continue
             delay = self._delay_until(due)
+            if claimed:
+                # A claim deregisters us: this round's relay_idle registered
+                # again, and that registration needs its own look after it.
+                settled = False
             if delay == BUSY_RETRY and claimed:
                 # Work arrived between our last claim and going idle (it sent
                 # no NOTIFY: we were not registered yet).  Claim it now; the
                 # pause is only for rows another relay holds.
                 delay = 0.0
-            if claimed:
-                settled = False
             elif not settled and (delay is None or delay > SETTLE):
                 # Just gone idle.  A producer whose trigger ran before our
                 # registration committed sent no NOTIFY, and if it committed
                 # after relay_idle's snapshot we did not see its work either:
                 # look once more shortly (its commit takes an fsync or so).
-                # The sweep bounds anything that still slips through.
+                # A claim that finds nothing keeps the registration, so this
+                # look opens no new gap.  The sweep bounds anything that
+                # still slips through (a producer transaction held open
+                # longer than SETTLE).
                 settled = True
                 delay = SETTLE
             if delay is None or delay > 0:

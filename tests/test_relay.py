@@ -482,6 +482,32 @@ def test_sigterm_after_grace_releases_what_is_still_in_flight(
     assert relay.logged("released unfinished deliveries")
 
 
+def test_a_slow_request_does_not_hold_back_later_events(
+        db_conn: Conn, receiver: Receiver, start_relay: Callable[..., RelayProcess]) -> None:
+    # The first request ever hangs for 20 s (the endpoint waits 30 s); the
+    # relay must keep claiming and delivering newer events meanwhile.
+    calls: list[int] = []
+
+    def script(attempt: int) -> Reply:
+        calls.append(attempt)
+        return Reply(200, delay=20.0) if len(calls) == 1 else Reply(200)
+
+    receiver.on("/hooks", script)
+    add_endpoint(db_conn, "hooks", receiver.url("/hooks"), timeout_ms=30000)
+    start_relay("--sweep-interval", "3600", "--grace", "0.5")
+    patient = add_patient(db_conn)
+    [slow] = add_appointments(db_conn, 1, patient)
+    wait_until(lambda: receiver.count() == 1, message="the slow request in flight")
+    later = add_appointments(db_conn, 3, patient)
+    # (The deadline is shorter than the slow request: a relay that waited
+    # for it would fail here.)
+    wait_until(lambda: len(deliveries(db_conn, "d.status = 'sent'")) == 3, timeout=15,
+               message="later events delivered while the slow one hangs")
+    assert {d["event_id"] for d in deliveries(db_conn, "d.status = 'sent'")} == set(later)
+    [held] = deliveries(db_conn, "d.event_id = %s", (slow,))
+    assert held["status"] == "processing" and held["attempts"] == 1
+
+
 def test_two_relays_never_deliver_a_claimed_row_twice(
         db_conn: Conn, receiver: Receiver, start_relay: Callable[..., RelayProcess]) -> None:
     receiver.on("/work", Reply(200, delay=0.005))

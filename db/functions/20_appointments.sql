@@ -2,16 +2,28 @@
 -- the triggers that turn changes into outbox events (SPEC §2.3, §2.5).
 
 -- Is the patient reachable on WhatsApp?  NULL when yes, else why not.
+-- PL/pgSQL rather than SQL on purpose: a SQL function with a FROM clause is
+-- never inlined, and called from PL/pgSQL it is re-planned by the SQL-function
+-- executor in every transaction (0.099 ms a booking); PL/pgSQL keeps its plan
+-- for the session (0.012 ms).
 CREATE OR REPLACE FUNCTION barnum.patient_block_reason(p_patient_id uuid) RETURNS text
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 AS $$
-    SELECT CASE
-        WHEN p.id IS NULL THEN 'patient not found'
-        WHEN p.whatsapp_opt_out THEN 'patient opted out'
-        WHEN p.phone IS NULL THEN 'patient has no phone'
-    END
-    FROM (SELECT 1) one
-    LEFT JOIN barnum.patients p ON p.id = p_patient_id
+DECLARE
+    v_opt_out boolean;
+    v_phone text;
+BEGIN
+    SELECT p.whatsapp_opt_out, p.phone INTO v_opt_out, v_phone
+      FROM barnum.patients p WHERE p.id = p_patient_id;
+    IF NOT FOUND THEN
+        RETURN 'patient not found';
+    ELSIF v_opt_out THEN
+        RETURN 'patient opted out';
+    ELSIF v_phone IS NULL THEN
+        RETURN 'patient has no phone';
+    END IF;
+    RETURN NULL;
+END
 $$;
 
 -- Legal status changes.  cancelled and completed are final; the only way out
@@ -76,8 +88,15 @@ CREATE OR REPLACE TRIGGER trg_endpoints_touch
 -- appointment (idempotent triggers).  Returns the new workflow's id, or NULL
 -- when nothing should be sent: already open, or the patient is unreachable —
 -- then the workflow is recorded as 'cancelled' with the reason in metadata.
+-- p_expires_at: when an unanswered workflow stops making sense (the
+-- appointment's start for a confirmation request or a reminder); tick()
+-- expires 'sent' ones past it.
+-- (The four-argument version of the first release is dropped so that calls
+-- with four arguments are not ambiguous.)
+DROP FUNCTION IF EXISTS barnum.open_workflow(text, uuid, uuid, jsonb);
 CREATE OR REPLACE FUNCTION barnum.open_workflow(
-    p_type text, p_appointment_id uuid, p_patient_id uuid, p_metadata jsonb DEFAULT '{}')
+    p_type text, p_appointment_id uuid, p_patient_id uuid, p_metadata jsonb DEFAULT '{}',
+    p_expires_at timestamptz DEFAULT NULL)
 RETURNS uuid
 LANGUAGE plpgsql
 AS $$
@@ -92,8 +111,8 @@ BEGIN
         RETURN NULL;
     END IF;
     IF p_appointment_id IS NOT NULL THEN
-        INSERT INTO barnum.whatsapp_workflows (workflow_type, appointment_id, patient_id, metadata)
-        VALUES (p_type, p_appointment_id, p_patient_id, coalesce(p_metadata, '{}'))
+        INSERT INTO barnum.whatsapp_workflows (workflow_type, appointment_id, patient_id, metadata, expires_at)
+        VALUES (p_type, p_appointment_id, p_patient_id, coalesce(p_metadata, '{}'), p_expires_at)
         ON CONFLICT (appointment_id, workflow_type)
             WHERE status IN ('pending', 'sent') AND appointment_id IS NOT NULL
         DO NOTHING
@@ -171,7 +190,7 @@ BEGIN
         RETURN NULL;
     END IF;
     wf := barnum.open_workflow('pre_confirmation', NEW.id, NEW.patient_id,
-                               jsonb_build_object('starts_at', NEW.starts_at));
+                               jsonb_build_object('starts_at', NEW.starts_at), NEW.starts_at);
     IF wf IS NOT NULL THEN
         PERFORM barnum.emit_event('appointment.pre_confirmed', 'appointment', NEW.id, wf, barnum.clock());
     END IF;

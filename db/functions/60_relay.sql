@@ -52,9 +52,6 @@ BEGIN
         PERFORM barnum.fail('BN422', format('lease must be between 1 second and 1 hour, got %s', p_lease));
     END IF;
 
-    -- Claiming means this relay is busy: producers need not wake it.
-    DELETE FROM barnum.relay_waiters WHERE worker = p_worker;
-
     -- Leases that expired first (their worker died), then due pending rows.
     -- Two partial indexes, two small index scans; SKIP LOCKED lets several
     -- relays claim side by side without waiting on each other.
@@ -74,8 +71,13 @@ BEGIN
          FOR UPDATE SKIP LOCKED) x;
     ids := expired || coalesce(ids, '{}');
     IF cardinality(ids) = 0 THEN
+        -- Nothing claimed: a waiting relay stays registered (its look after
+        -- registering must not open a new window without wake-ups).
         RETURN;
     END IF;
+
+    -- Claiming means this relay is busy: producers need not wake it.
+    DELETE FROM barnum.relay_waiters WHERE worker = p_worker;
 
     -- The lost attempt of a dead worker is written to the audit trail.
     IF cardinality(expired) > 0 THEN

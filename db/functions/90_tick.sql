@@ -39,7 +39,8 @@ BEGIN
     LOOP
         -- A reminder still open for an older time is void.
         PERFORM barnum.close_workflows(a.id, 'cancelled', 'appointment rescheduled', ARRAY['reminder']);
-        wf := barnum.open_workflow('reminder', a.id, a.patient_id, jsonb_build_object('starts_at', a.starts_at));
+        wf := barnum.open_workflow('reminder', a.id, a.patient_id, jsonb_build_object('starts_at', a.starts_at),
+                                   a.starts_at);
         IF wf IS NOT NULL THEN
             PERFORM barnum.emit_event('appointment.reminder', 'appointment', a.id, wf, v_now);
             n_reminders := n_reminders + 1;
@@ -70,18 +71,25 @@ BEGIN
         END IF;
     END LOOP;
 
-    -- Sent workflows whose appointment is past can no longer be answered.
+    -- Sent workflows that can no longer be answered: a confirmation request
+    -- or reminder once its appointment has started (expires_at, found through
+    -- a partial index, so the cost follows the due rows, not the sent ones),
+    -- the others after reactivation_after.  A batch each per tick.
     WITH x AS (
-        UPDATE barnum.whatsapp_workflows w SET status = 'expired'
-          FROM barnum.appointments ap
-         WHERE w.status = 'sent' AND ap.id = w.appointment_id AND ap.starts_at < v_now
-           AND w.workflow_type IN ('pre_confirmation', 'reminder')
+        UPDATE barnum.whatsapp_workflows w SET status = 'expired', updated_at = now()
+         WHERE w.id IN (SELECT y.id FROM barnum.whatsapp_workflows y
+                         WHERE y.status = 'sent' AND y.expires_at IS NOT NULL AND y.expires_at < v_now
+                         ORDER BY y.expires_at
+                         LIMIT p_batch)
         RETURNING 1)
     SELECT count(*) INTO n_expired FROM x;
     WITH x AS (
-        UPDATE barnum.whatsapp_workflows w SET status = 'expired'
-         WHERE w.status = 'sent' AND w.workflow_type IN ('reactivation', 'review_request', 'reschedule_prompt')
-           AND w.created_at < v_now - v_after
+        UPDATE barnum.whatsapp_workflows w SET status = 'expired', updated_at = now()
+         WHERE w.id IN (SELECT y.id FROM barnum.whatsapp_workflows y
+                         WHERE y.status = 'sent' AND y.created_at < v_now - v_after
+                           AND y.workflow_type IN ('reactivation', 'review_request', 'reschedule_prompt')
+                         ORDER BY y.created_at
+                         LIMIT p_batch)
         RETURNING 1)
     SELECT n_expired + count(*) INTO n_expired FROM x;
 

@@ -1,7 +1,7 @@
 -- 20_triggers: appointment triggers → workflows + outbox events, and the
 -- outbox fan-out into deliveries (SPEC §2.4, §2.5).
 BEGIN;
-SELECT plan(52);
+SELECT plan(55);
 
 SET LOCAL barnum.clock = '2030-01-10 10:00:00+00';
 
@@ -300,6 +300,27 @@ SELECT results_eq(
     $$VALUES ('20000000-0000-0000-0000-0000000000e1'::uuid, '2030-01-11 00:00+00'::timestamptz),
              ('20000000-0000-0000-0000-0000000000e4'::uuid, '2030-01-11 00:00+00'::timestamptz)$$,
     'patient.reactivation fans out to ''*'' and ''patient.*'', due at the given scheduled_for');
+
+-- ============================================================ events a DBA inserts by hand
+-- One multi-row statement: every pending row fans out like Barnum's own;
+-- a history row (already sent) gets no delivery.
+INSERT INTO barnum.whatsapp_events (id, event_type, entity_type, entity_id, scheduled_for, status) VALUES
+    ('20000000-0000-0000-0000-0000000000f1', 'appointment.confirmed', 'appointment', '20000000-0000-0000-0000-0000000000a2', '2030-01-12 00:00+00', 'pending'),
+    ('20000000-0000-0000-0000-0000000000f2', 'patient.reactivation', 'patient', '20000000-0000-0000-0000-000000000001', '2030-01-12 00:00+00', 'pending'),
+    ('20000000-0000-0000-0000-0000000000f3', 'appointment.confirmed', 'appointment', '20000000-0000-0000-0000-0000000000a2', '2030-01-12 00:00+00', 'sent');
+SELECT results_eq(
+    $$SELECT event_id, endpoint_id FROM barnum.webhook_deliveries
+       WHERE event_id IN ('20000000-0000-0000-0000-0000000000f1', '20000000-0000-0000-0000-0000000000f2')
+       ORDER BY event_id, endpoint_id$$,
+    $$VALUES ('20000000-0000-0000-0000-0000000000f1'::uuid, '20000000-0000-0000-0000-0000000000e1'::uuid),
+             ('20000000-0000-0000-0000-0000000000f1'::uuid, '20000000-0000-0000-0000-0000000000e2'::uuid),
+             ('20000000-0000-0000-0000-0000000000f2'::uuid, '20000000-0000-0000-0000-0000000000e1'::uuid),
+             ('20000000-0000-0000-0000-0000000000f2'::uuid, '20000000-0000-0000-0000-0000000000e4'::uuid)$$,
+    'a multi-row INSERT by hand fans out each pending event to its matching endpoints');
+SELECT is_empty($$SELECT 1 FROM barnum.webhook_deliveries WHERE event_id = '20000000-0000-0000-0000-0000000000f3'$$,
+                'an event inserted as already sent gets no delivery');
+SELECT is((SELECT status FROM barnum.whatsapp_events WHERE id = '20000000-0000-0000-0000-0000000000f3'), 'sent',
+          'and keeps its status');
 
 SELECT * FROM finish();
 ROLLBACK;

@@ -2,7 +2,7 @@
 -- the registration.  Whether a NOTIFY is sent is visible only after commit,
 -- so tests/test_wakeups.py checks that part.
 BEGIN;
-SELECT plan(9);
+SELECT plan(11);
 
 SELECT has_table('barnum', 'relay_waiters', 'relay_waiters exists');
 SELECT is((SELECT relpersistence FROM pg_class WHERE oid = 'barnum.relay_waiters'::regclass),
@@ -17,8 +17,17 @@ SELECT is((SELECT count(*)::int FROM barnum.relay_waiters WHERE worker = 'w1'), 
           'one row per worker');
 
 SELECT * FROM barnum.claim_deliveries_text('w1', 10, '60 seconds');
+SELECT ok(EXISTS (SELECT 1 FROM barnum.relay_waiters WHERE worker = 'w1'),
+          'a claim that finds nothing keeps the registration (the look after registering opens no gap)');
+
+INSERT INTO barnum.webhook_endpoints (name, url) VALUES ('w-hooks', 'https://hooks.example/w');
+INSERT INTO barnum.patients (id, name, phone) VALUES ('45000000-0000-0000-0000-000000000001', 'Ana', '+351945000001');
+INSERT INTO barnum.appointments (patient_id, starts_at)
+VALUES ('45000000-0000-0000-0000-000000000001', now() + interval '3 days');
+SELECT is((SELECT count(*)::int FROM barnum.claim_deliveries_text('w1', 10, '60 seconds')), 1,
+          'the claim returns the due delivery');
 SELECT ok(NOT EXISTS (SELECT 1 FROM barnum.relay_waiters WHERE worker = 'w1'),
-          'a claim means busy: the registration is gone');
+          'a claim that returns work means busy: the registration is gone');
 
 SELECT barnum.relay_idle('w2');
 SELECT barnum.release_deliveries('w2');

@@ -2,7 +2,7 @@
 -- retention purge (SPEC §2.5).  Times are relative to now() (created_at
 -- columns default to now()); the clock is moved with set_config.
 BEGIN;
-SELECT plan(48);
+SELECT plan(53);
 
 CREATE FUNCTION pg_temp.at(p_offset interval) RETURNS void LANGUAGE sql AS $$
     SELECT set_config('barnum.clock', (now() + p_offset)::text, true) $$;
@@ -225,6 +225,35 @@ UPDATE barnum.settings SET value = '"48 hours"' WHERE key = 'reminder_lead';
 INSERT INTO ticks VALUES ('F2', barnum.tick());
 SELECT is(pg_temp.reminders('70000000-0000-0000-0000-0000000000a5'), 1,
           'after reminder_lead is raised to 48 h the confirmed appointment gets its reminder');
+
+-- ============================================================ expiry time on the workflow row
+SELECT is((SELECT expires_at FROM barnum.whatsapp_workflows
+            WHERE appointment_id = '70000000-0000-0000-0000-0000000000a5' AND workflow_type = 'pre_confirmation'),
+          now() + interval '40 hours', 'a confirmation request expires when its appointment starts');
+SELECT is((SELECT expires_at FROM barnum.whatsapp_workflows
+            WHERE appointment_id = '70000000-0000-0000-0000-0000000000a5' AND workflow_type = 'reminder'),
+          now() + interval '40 hours', 'a reminder expires when its appointment starts');
+-- Expiry is bounded per tick: three due sent workflows, batch of 2.
+INSERT INTO barnum.appointments (id, patient_id, starts_at) VALUES
+    ('70000000-0000-0000-0000-0000000000b1', '70000000-0000-0000-0000-000000000001', now() + interval '50 hours'),
+    ('70000000-0000-0000-0000-0000000000b2', '70000000-0000-0000-0000-000000000001', now() + interval '51 hours'),
+    ('70000000-0000-0000-0000-0000000000b3', '70000000-0000-0000-0000-000000000001', now() + interval '52 hours');
+UPDATE barnum.whatsapp_workflows SET status = 'sent'
+ WHERE appointment_id IN ('70000000-0000-0000-0000-0000000000b1', '70000000-0000-0000-0000-0000000000b2',
+                          '70000000-0000-0000-0000-0000000000b3') AND workflow_type = 'pre_confirmation';
+DO $$ BEGIN PERFORM pg_temp.at('53 hours'); END $$;
+INSERT INTO ticks VALUES ('G1', barnum.tick(2));
+SELECT is((SELECT count(*)::int FROM barnum.whatsapp_workflows
+            WHERE appointment_id IN ('70000000-0000-0000-0000-0000000000b1', '70000000-0000-0000-0000-0000000000b2',
+                                     '70000000-0000-0000-0000-0000000000b3') AND status = 'expired'),
+          2, 'tick(2) expires at most two workflows');
+SELECT is((SELECT status FROM barnum.whatsapp_workflows
+            WHERE appointment_id = '70000000-0000-0000-0000-0000000000b3' AND workflow_type = 'pre_confirmation'),
+          'sent', 'the latest-starting one waits for the next tick (oldest first)');
+INSERT INTO ticks VALUES ('G2', barnum.tick(2));
+SELECT is((SELECT status FROM barnum.whatsapp_workflows
+            WHERE appointment_id = '70000000-0000-0000-0000-0000000000b3' AND workflow_type = 'pre_confirmation'),
+          'expired', 'the next tick expires the rest');
 
 SELECT * FROM finish();
 ROLLBACK;
