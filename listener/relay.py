@@ -73,6 +73,10 @@ SETTLE = 0.05
 #: Longest a finished delivery waits for others of its claim to share one
 #: record_attempts call (seconds).
 LINGER = 0.005
+#: Longest the claim loop waits for its own requests after a short claim
+#: before looking again (seconds) — the most a hanging request delays newer
+#: events.
+BUSY_POLL = 0.05
 #: Most outcomes recorded in one record_attempts call.
 MAX_RECORD = 1000
 #: At most this many error strings in a summary.
@@ -253,17 +257,23 @@ class Deliverer:
         self._tasks: set[asyncio.Task[None]] = set()
         #: Requests not finished yet (a subset of the open rows).
         self._posting = 0
+        self._all_posted = asyncio.Event()
         self._results: list[dict[str, Any]] = []
         self._result_added = asyncio.Event()
         self._recorder: asyncio.Task[None] | None = None
         #: Called after outcomes with failures were recorded (new due times).
         self.on_recorded: Callable[[], None] | None = None
 
+    def stop(self) -> None:
+        """Claim no more (shutdown); a claim loop waiting for room returns."""
+        self.stopping = True
+        self._room.set()
+
     # -- claiming --------------------------------------------------------
 
     async def drain(self) -> int:
-        """Claim and start deliveries until a claim comes back short; rows
-        claimed.  Does not wait for the requests: see :meth:`settle`."""
+        """Claim and start deliveries until a claim comes back empty; rows
+        claimed.  Does not wait for the last requests: see :meth:`settle`."""
         total = 0
         while not self.stopping and not self.abort.is_set():
             self._room.clear()
@@ -275,8 +285,17 @@ class Deliverer:
             rows = await self.claim(limit)
             total += len(rows)
             self._start(rows)
-            if len(rows) < limit:
+            if not rows:
                 break
+            if len(rows) < limit and self._posting > 0:
+                # The queue is momentarily empty.  Stay busy (unregistered:
+                # producers send no NOTIFY) while our requests run, then look
+                # again — what arrived meanwhile goes out in one claim.  Wait
+                # at most BUSY_POLL, so a hanging request delays newer events
+                # by that much, not by its timeout.
+                self._all_posted.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wait_for(self._all_posted), BUSY_POLL)
         return total
 
     async def claim(self, limit: int | None = None) -> list[Any]:
@@ -325,6 +344,8 @@ class Deliverer:
             # (A cancelled request — grace period over — is not recorded:
             # release_deliveries hands its row back.)
             self._posting -= 1
+            if self._posting == 0:
+                self._all_posted.set()
             if queued:
                 self._result_added.set()
                 self._kick_recorder()
@@ -596,7 +617,7 @@ class Relay:
         self._wake.set()
         self._sweep_now.set()
         if self.deliverer is not None:
-            self.deliverer.stopping = True
+            self.deliverer.stop()
             abort = self.deliverer.abort
             self._grace_timer = asyncio.get_running_loop().call_later(self.options.grace, abort.set)
 
@@ -659,7 +680,7 @@ class Relay:
                 self.deliverer.stats = self.stats
                 self.deliverer.on_recorded = self._wake.set
                 if self.stopping:
-                    self.deliverer.stopping = True
+                    self.deliverer.stop()
                 if once:
                     await process_due(self.pool, self.transport, self.config, self.worker,
                                       deliverer=self.deliverer)
