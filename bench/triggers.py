@@ -145,31 +145,9 @@ DROP TRIGGER trg_events_fanout ON barnum.whatsapp_events;
 """,
 }
 VARIANTS["lean"] = VARIANTS["no-set-path"] + VARIANTS["inline-fanout"]
-# patient_block_reason as PL/pgSQL: a LANGUAGE sql function with a FROM
-# clause is not inlined, and called from PL/pgSQL it is re-planned by the
-# SQL-function executor in every transaction (~0.1 ms an insert here);
-# PL/pgSQL keeps its plan for the session.  Same result for every input.
-VARIANTS["pbr-plpgsql"] = """
-CREATE OR REPLACE FUNCTION barnum.patient_block_reason(p_patient_id uuid) RETURNS text
-LANGUAGE plpgsql STABLE
-AS $$
-DECLARE
-    v_opt_out boolean;
-    v_phone text;
-BEGIN
-    SELECT p.whatsapp_opt_out, p.phone INTO v_opt_out, v_phone FROM barnum.patients p WHERE p.id = p_patient_id;
-    IF NOT FOUND THEN
-        RETURN 'patient not found';
-    ELSIF v_opt_out THEN
-        RETURN 'patient opted out';
-    ELSIF v_phone IS NULL THEN
-        RETURN 'patient has no phone';
-    END IF;
-    RETURN NULL;
-END
-$$;
-"""
-VARIANTS["leaner"] = VARIANTS["lean"] + VARIANTS["pbr-plpgsql"]
+# (The trial variants "pbr-plpgsql" and "leaner" = lean + PL/pgSQL
+# patient_block_reason, measured in the first session, are gone: that
+# function is PL/pgSQL in db/functions/20_appointments.sql now.)
 
 
 class Listener(threading.Thread):
