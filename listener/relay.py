@@ -73,9 +73,9 @@ SETTLE = 0.05
 #: Longest a finished delivery waits for others of its claim to share one
 #: record_attempts call (seconds).
 LINGER = 0.005
-#: Longest the claim loop waits for its own requests after a short claim
-#: before looking again (seconds) — the most a hanging request delays newer
-#: events.
+#: Longest the claim loop waits for its own requests after a short claim of
+#: several rows before looking again (seconds) — the most a hanging request
+#: delays newer events.  (A claim of one row or none goes idle at once.)
 BUSY_POLL = 0.05
 #: Most outcomes recorded in one record_attempts call.
 MAX_RECORD = 1000
@@ -272,8 +272,8 @@ class Deliverer:
     # -- claiming --------------------------------------------------------
 
     async def drain(self) -> int:
-        """Claim and start deliveries until a claim comes back empty; rows
-        claimed.  Does not wait for the last requests: see :meth:`settle`."""
+        """Claim and start deliveries until a claim comes back with one row
+        or none; rows claimed.  Does not wait for the last requests: see :meth:`settle`."""
         total = 0
         while not self.stopping and not self.abort.is_set():
             self._room.clear()
@@ -285,14 +285,19 @@ class Deliverer:
             rows = await self.claim(limit)
             total += len(rows)
             self._start(rows)
-            if not rows:
-                break
-            if len(rows) < limit and self._posting > 0:
-                # The queue is momentarily empty.  Stay busy (unregistered:
-                # producers send no NOTIFY) while our requests run, then look
-                # again — what arrived meanwhile goes out in one claim.  Wait
-                # at most BUSY_POLL, so a hanging request delays newer events
-                # by that much, not by its timeout.
+            if len(rows) < limit:
+                if len(rows) <= 1:
+                    # The queue is empty and traffic sparse: go idle now.
+                    # relay_idle registers us and reports anything that
+                    # arrived since this claim, so an empty claim here
+                    # would only lengthen the cycle a new event waits for.
+                    break
+                # Events are arriving faster than one per claim.  Stay busy
+                # (unregistered: producers send no NOTIFY) while our
+                # requests run, then look again — what arrived meanwhile
+                # goes out in one claim.  Wait at most BUSY_POLL, so a
+                # hanging request delays newer events by that much, not by
+                # its timeout.
                 self._all_posted.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wait_for(self._all_posted), BUSY_POLL)

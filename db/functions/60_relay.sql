@@ -133,13 +133,32 @@ BEGIN
                                  ELSE regexp_replace(src.reason, '^dead:', '') END
           FROM src
          WHERE d.id = src.id
-        RETURNING d.id, d.event_id, src.reason
+        RETURNING d.id, d.event_id, d.attempts, src.reason
+    ), sending AS (
+        -- An event with a delivery in flight is 'processing' whatever its
+        -- other deliveries say (refresh_events ranks processing first), so
+        -- the rows going out update their events directly: the general
+        -- refresh, an aggregate over every delivery of each event, was a
+        -- fifth of a one-row claim.
+        UPDATE barnum.whatsapp_events e
+           SET status = 'processing',
+               retry_count = greatest(e.retry_count, m.attempts - 1),
+               processed_at = NULL,
+               updated_at = now()
+          FROM (SELECT upd.event_id, max(upd.attempts) AS attempts
+                  FROM upd WHERE upd.reason IS NULL GROUP BY upd.event_id) m
+         WHERE e.id = m.event_id
     )
-    SELECT array_agg(upd.id) FILTER (WHERE upd.reason IS NULL), array_agg(upd.event_id)
+    SELECT array_agg(upd.id) FILTER (WHERE upd.reason IS NULL),
+           array_agg(upd.event_id) FILTER (WHERE upd.reason IS NOT NULL)
       INTO c_ids, c_events
       FROM upd;
 
-    PERFORM barnum.refresh_events(c_events);
+    -- Rows settled here (skipped, dead) move their events and workflows by
+    -- the general rule.
+    IF c_events IS NOT NULL THEN
+        PERFORM barnum.refresh_events(c_events);
+    END IF;
     IF c_ids IS NULL THEN
         RETURN;
     END IF;

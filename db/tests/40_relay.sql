@@ -2,7 +2,7 @@
 -- next_due_at / retry_dead_letters / queue_stats (SPEC §2.4, §2.6 relay-facing).
 -- The clock moves forward scenario by scenario; each scenario uses its own rows.
 BEGIN;
-SELECT plan(127);
+SELECT plan(136);
 
 SET LOCAL barnum.clock = '2030-01-10 10:00:00+00';
 
@@ -432,6 +432,37 @@ SELECT is_empty($$SELECT d.id, d.next_attempt_at FROM barnum.webhook_deliveries 
                    WHERE c.label IN ('c13a', 'c13b')
                      AND NOT (d.next_attempt_at > '2030-01-10 10:10:00+00' AND d.next_attempt_at <= '2030-01-10 10:10:10+00')$$,
                 'no wait exceeds backoff_max_seconds (10 s) even with jitter, when base·2^(n-1) (20 s) is above the cap');
+
+-- ============================================================ 13b. an event sent to two endpoints
+-- A claim moves the events of the rows it hands out straight to 'processing'
+-- (a delivery in flight outranks every other state of its siblings).
+INSERT INTO barnum.webhook_endpoints (id, name, url, event_types) VALUES
+    ('40000000-0000-0000-0000-0000000000e4', 'second', 'https://hooks.example/second', '{appointment.confirmed}');
+SELECT barnum.create_whatsapp_event('appointment.confirmed', 'appointment', '40000000-0000-0000-0000-0000000000a9')
+    AS ev2 \gset
+SELECT is(pg_temp.claim('c13c', 'w1'), 2, 'an event for two endpoints is claimed as two deliveries');
+SELECT is((SELECT status FROM barnum.whatsapp_events WHERE id = :'ev2'), 'processing',
+          'the two-endpoint event is processing once claimed');
+SELECT is(pg_temp.rec(delivery_id, attempt, endpoint_id <> '40000000-0000-0000-0000-0000000000e4',
+                      true, CASE WHEN endpoint_id = '40000000-0000-0000-0000-0000000000e4' THEN 503 ELSE 200 END), 1,
+          'one endpoint accepts it, the other fails retryably: ' || endpoint_id)
+  FROM claimed WHERE label = 'c13c' ORDER BY delivery_id;
+SELECT results_eq(
+    $$SELECT status, retry_count, processed_at IS NULL FROM barnum.whatsapp_events WHERE id = '$$ || :'ev2' || $$'$$,
+    $$VALUES ('pending', 0, true)$$,
+    'one delivery sent and one waiting for its retry: the event is pending');
+SET LOCAL barnum.clock = '2030-01-10 10:10:30+00';
+SELECT ok(pg_temp.claim('c13d', 'w1') >= 1, 'the retry is claimed after its backoff');
+SELECT results_eq(
+    $$SELECT status, retry_count, processed_at IS NULL FROM barnum.whatsapp_events WHERE id = '$$ || :'ev2' || $$'$$,
+    $$VALUES ('processing', 1, true)$$,
+    'the retry''s claim makes the event processing again, retry_count 1, not processed');
+SELECT is(pg_temp.rec(delivery_id, attempt, true, false, 200), 1, 'the retry is delivered')
+  FROM claimed WHERE label = 'c13d' AND event_id = :'ev2';
+SELECT results_eq(
+    $$SELECT status, retry_count, processed_at IS NOT NULL FROM barnum.whatsapp_events WHERE id = '$$ || :'ev2' || $$'$$,
+    $$VALUES ('sent', 1, true)$$,
+    'both endpoints served: the event is sent and processed');
 
 -- ============================================================ 14. bad input
 SELECT throws_ok($$SELECT * FROM barnum.claim_deliveries('w1', 0)$$, 'BN422', NULL, 'claim_deliveries with limit 0 raises BN422');
