@@ -432,31 +432,32 @@ UPDATE barnum.whatsapp_workflows w SET status = 'expired', updated_at = now()
                  LIMIT 1000)"""
 
 
+def explain_time(conn: psycopg.Connection[Any], q: str, n: int = 20) -> tuple[float, str]:
+    """Median execution time (ms) of ``q`` — an EXPLAIN (ANALYZE, FORMAT JSON)
+    statement — over ``n`` rolled-back runs, and the scans of its plan."""
+    times, plan = [], ""
+    for _ in range(n):
+        with conn.transaction():
+            doc = conn.execute(q).fetchone()[0][0]  # type: ignore[index]
+            times.append(float(doc["Execution Time"]))
+            seen = []
+            stack = [doc["Plan"]]
+            while stack:
+                x = stack.pop()
+                if "Relation Name" in x:
+                    seen.append(f"{x['Node Type']} {x.get('Index Name', '')} on {x['Relation Name']}".replace("  ", " "))
+                stack.extend(x.get("Plans", []))
+            plan = "; ".join(seen)
+            raise psycopg.Rollback()
+    return C.pct(times, 50), plan
+
+
 def trial_expiry(db: C.Database, past: int, upcoming: int, guard: C.Guard) -> dict[str, Any]:
     """tick()'s expiry of sent pre_confirmation/reminder workflows: the first
     release's join on appointments vs the ``expires_at`` column of migration
     0002 (set by open_workflow, kept after the workflow closes)."""
     name = db.fresh("expiry")
     dsn = db.dsn(name)
-
-    def timeit(conn: psycopg.Connection[Any], q: str, n: int = 20) -> tuple[float, str]:
-        times, plan = [], ""
-        for _ in range(n):
-            with conn.transaction():
-                doc = conn.execute(q).fetchone()[0][0]  # type: ignore[index]
-                times.append(float(doc["Execution Time"]))
-                node = doc["Plan"]
-                seen = []
-                stack = [node]
-                while stack:
-                    x = stack.pop()
-                    if "Relation Name" in x:
-                        seen.append(f"{x['Node Type']} {x.get('Index Name', '')} on {x['Relation Name']}".replace("  ", " "))
-                    stack.extend(x.get("Plans", []))
-                plan = "; ".join(seen)
-                raise_rollback = psycopg.Rollback()
-                raise raise_rollback
-        return C.pct(times, 50), plan
 
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
@@ -481,17 +482,129 @@ def trial_expiry(db: C.Database, past: int, upcoming: int, guard: C.Guard) -> di
             # Stats taken while the upcoming workflows were still pending; then they are sent
             # (what claims + record_attempts do all day long).
             conn.execute("UPDATE barnum.whatsapp_workflows SET status = 'sent' WHERE status = 'pending'")
-            stale = timeit(conn, EXPIRY_NOW)
+            stale = explain_time(conn, EXPIRY_NOW)
             conn.execute("ANALYZE barnum.whatsapp_workflows")
-            fresh = timeit(conn, EXPIRY_NOW)
-            proposed = timeit(conn, EXPIRY_TICK)
+            fresh = explain_time(conn, EXPIRY_NOW)
+            proposed = explain_time(conn, EXPIRY_TICK)
         return {"past": past, "upcoming": upcoming, "stale": stale, "fresh": fresh, "proposed": proposed,
                 "load": guard.load}
     finally:
         db.drop(name)
 
 
+# ------------------------------------------------------------------ trial: a paused endpoint's backlog
+
+# The due-row selection and next_due_at()'s pending part before migration 0003
+# (one index on next_attempt_at for every endpoint; the active-endpoint test
+# a filter per row), for the "before" column.
+DUE_BEFORE_0003 = """
+EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)
+SELECT d.id FROM barnum.webhook_deliveries d
+ WHERE d.status = 'pending' AND d.next_attempt_at <= now()
+   AND EXISTS (SELECT 1 FROM barnum.webhook_endpoints ep WHERE ep.id = d.endpoint_id AND ep.is_active)
+ ORDER BY d.next_attempt_at LIMIT 50
+   FOR UPDATE SKIP LOCKED"""
+NEXT_BEFORE_0003 = """
+EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)
+SELECT d.next_attempt_at FROM barnum.webhook_deliveries d
+ WHERE d.status = 'pending'
+   AND EXISTS (SELECT 1 FROM barnum.webhook_endpoints ep WHERE ep.id = d.endpoint_id AND ep.is_active)
+ ORDER BY d.next_attempt_at LIMIT 1"""
+# The same two as shipped (db/functions/60_relay.sql).
+DUE_0003 = """
+EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)
+SELECT q.id FROM barnum.webhook_endpoints ep
+ CROSS JOIN LATERAL (
+    SELECT d.id, d.next_attempt_at FROM barnum.webhook_deliveries d
+     WHERE d.endpoint_id = ep.id AND d.status = 'pending' AND d.next_attempt_at <= now()
+     ORDER BY d.next_attempt_at LIMIT 50
+     FOR UPDATE SKIP LOCKED) q
+ WHERE ep.is_active
+ ORDER BY q.next_attempt_at LIMIT 50"""
+NEXT_0003 = """
+EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)
+SELECT min(q.next_attempt_at) FROM barnum.webhook_endpoints ep
+ CROSS JOIN LATERAL (
+    SELECT d.next_attempt_at FROM barnum.webhook_deliveries d
+     WHERE d.endpoint_id = ep.id AND d.status = 'pending'
+     ORDER BY d.next_attempt_at LIMIT 1) q
+ WHERE ep.is_active"""
+
+
+def trial_paused(db: C.Database, paused: int, live: int, claims: int, guard: C.Guard) -> dict[str, Any]:
+    """Claims while a disabled endpoint holds ``paused`` due deliveries, older
+    than the ``live`` ones of the active endpoint: migration 0003's per-endpoint
+    queue vs the first release's single due index."""
+    name = db.fresh("paused")
+    dsn = db.dsn(name)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            C.seed_clinic(conn, "http://127.0.0.1:9/unused")
+            conn.execute(
+                """INSERT INTO barnum.appointments (patient_id, starts_at)
+                   SELECT ('00000000-0000-0000-0000-' || lpad((1 + g %% 100)::text, 12, '0'))::uuid,
+                          now() + interval '3 days' + g * interval '1 minute'
+                     FROM generate_series(1, %s) g""", (live,))
+            ep = conn.execute("""INSERT INTO barnum.webhook_endpoints (name, url, is_active)
+                                 VALUES ('paused', 'http://127.0.0.1:9/paused', false) RETURNING id""").fetchone()
+            assert ep is not None
+            # The backlog: events that queued up for the endpoint before it was
+            # paused (event rows themselves do not matter to these statements).
+            conn.execute("SET session_replication_role = replica")
+            conn.execute(
+                """INSERT INTO barnum.webhook_deliveries (event_id, endpoint_id, next_attempt_at)
+                   SELECT gen_random_uuid(), %s, now() - interval '2 days' + g * interval '10 ms'
+                     FROM generate_series(1, %s) g""", (ep[0], paused))
+            conn.execute("RESET session_replication_role")
+            conn.execute("VACUUM ANALYZE")
+            for _ in range(10):
+                claim_once(conn, "bench-paused")
+            lat = [claim_once(conn, "bench-paused")[0] for _ in range(claims)]
+            due_next = timed(conn, "SELECT barnum.next_due_at()", 200)
+            shipped = {"due": explain_time(conn, DUE_0003), "next": explain_time(conn, NEXT_0003)}
+            conn.execute("CREATE INDEX webhook_deliveries_due_idx ON barnum.webhook_deliveries (next_attempt_at) "
+                         "WHERE status = 'pending'")
+            conn.execute("ANALYZE barnum.webhook_deliveries")
+            before = {"due": explain_time(conn, DUE_BEFORE_0003, 5), "next": explain_time(conn, NEXT_BEFORE_0003, 5)}
+        return {"paused": paused, "live": live, "claim": summarize(lat), "next_due_at": summarize(due_next),
+                "shipped": shipped, "before": before, "load": guard.load}
+    finally:
+        db.drop(name)
+
+
 # ------------------------------------------------------------------ main
+
+
+def run_trial_paused(args: argparse.Namespace, command: str) -> int:
+    log(f"waiting for a quiet box… {C.wait_quiet()}")
+    db = C.Database(extra_settings=SETTINGS)
+    try:
+        r = C.guarded(trial_paused, db, args.trial_paused, args.live, args.claims)
+    finally:
+        db.close()
+    rows = [("claim_deliveries_text(…, 50), as shipped (incl. rendering, tokens, commit)",
+             f"{r['claim']['p50']:.1f} / {r['claim']['p99']:.1f} / {r['claim']['max']:.1f}", "", "–"),
+            ("next_due_at(), as shipped", f"{r['next_due_at']['p50']:.2f} / {r['next_due_at']['p99']:.2f} / "
+             f"{r['next_due_at']['max']:.2f}", "", "–"),
+            ("due-row selection (LIMIT 50, FOR UPDATE SKIP LOCKED)", f"{r['shipped']['due'][0]:.2f}",
+             r["shipped"]["due"][1], f"{r['before']['due'][0]:.1f} — {r['before']['due'][1]}"),
+            ("next_due_at()'s pending part", f"{r['shipped']['next'][0]:.2f}", r["shipped"]["next"][1],
+             f"{r['before']['next'][0]:.1f} — {r['before']['next'][1]}")]
+    for what, ms, plan, before in rows:
+        print(f"{what}: {ms} ms {plan} (before 0003: {before})")
+    if not args.no_record:
+        C.append_results("\n".join([
+            f"\n## Scale: a paused endpoint's backlog — {C.now_utc()} — `{command}`\n",
+            f"{C.box_line(db)}. A disabled endpoint holds {r['paused']:,} due pending deliveries, all older "
+            f"than the {r['live']:,} live ones of the active endpoint (real bookings, recycled to due after "
+            f"each claim). As shipped = migration 0003 (index on (endpoint_id, next_attempt_at) WHERE pending; "
+            "claim and next_due_at read each active endpoint's queue). Before = the first release's single "
+            "index on next_attempt_at and its statements (bench/scale.py DUE_BEFORE_0003 / NEXT_BEFORE_0003), "
+            f"EXPLAIN ANALYZE, rolled back, median. Load avg before: {r['load']}.\n",
+            "| what | as shipped: ms (p50 / p99 / max, or median) | plan | before 0003: ms — plan |",
+            "|---|---:|---|---|",
+            *[f"| {what} | {ms} | {plan} | {before} |" for what, ms, plan, before in rows]]))
+    return 0
 
 
 def main() -> int:
@@ -511,6 +624,8 @@ def main() -> int:
                    help="only: tick()'s workflow-expiry statement, first release vs expires_at (migration 0002)")
     p.add_argument("--past", type=int, default=1_000_000, help="trial-expiry: past (completed) appointments")
     p.add_argument("--upcoming", type=int, default=20_000, help="trial-expiry: upcoming appointments with a sent workflow")
+    p.add_argument("--trial-paused", type=int, default=0, metavar="N",
+                   help="only: claims while a disabled endpoint holds N due deliveries (migration 0003 vs before)")
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args()
     command = " ".join([".venv/bin/python bench/scale.py", *sys.argv[1:]])
@@ -540,6 +655,8 @@ def main() -> int:
                 f"| migration 0002: `expires_at` + partial index, batch of 1,000 | **{r['proposed'][0]:.2f}** | "
                 f"{r['proposed'][1]} |"]))
         return 0
+    if args.trial_paused:
+        return run_trial_paused(args, command)
     work = C.workdir("scale")
     log(f"waiting for a quiet box… {C.wait_quiet()}")
     db = C.Database(extra_settings=SETTINGS, extra_sql=args.sql)

@@ -61,14 +61,20 @@ BEGIN
          ORDER BY d.locked_until LIMIT p_limit
          FOR UPDATE SKIP LOCKED) x;
     expired := coalesce(expired, '{}');
+    -- Due rows queue by endpoint (webhook_deliveries_endpoint_due_idx): only
+    -- active endpoints' queues are read, so a disabled endpoint's backlog
+    -- (it waits, untouched, until the endpoint is enabled) costs nothing.
+    -- Each queue offers its oldest rows; the oldest of those are claimed.
+    -- Rows locked beyond the limit are free again at commit.
     SELECT array_agg(id) INTO ids FROM (
-        SELECT d.id FROM barnum.webhook_deliveries d
-         WHERE d.status = 'pending' AND d.next_attempt_at <= v_now
-           -- A disabled endpoint's work waits, untouched, until it is enabled.
-           AND EXISTS (SELECT 1 FROM barnum.webhook_endpoints ep
-                        WHERE ep.id = d.endpoint_id AND ep.is_active)
-         ORDER BY d.next_attempt_at LIMIT p_limit - cardinality(expired)
-         FOR UPDATE SKIP LOCKED) x;
+        SELECT q.id FROM barnum.webhook_endpoints ep
+         CROSS JOIN LATERAL (
+            SELECT d.id, d.next_attempt_at FROM barnum.webhook_deliveries d
+             WHERE d.endpoint_id = ep.id AND d.status = 'pending' AND d.next_attempt_at <= v_now
+             ORDER BY d.next_attempt_at LIMIT p_limit - cardinality(expired)
+             FOR UPDATE SKIP LOCKED) q
+         WHERE ep.is_active
+         ORDER BY q.next_attempt_at LIMIT p_limit - cardinality(expired)) x;
     ids := expired || coalesce(ids, '{}');
     IF cardinality(ids) = 0 THEN
         -- Nothing claimed: a waiting relay stays registered (its look after
@@ -357,11 +363,13 @@ LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = barnum, pg_temp
 AS $$
     SELECT least(
-        (SELECT d.next_attempt_at FROM barnum.webhook_deliveries d
-          WHERE d.status = 'pending'
-            AND EXISTS (SELECT 1 FROM barnum.webhook_endpoints ep
-                         WHERE ep.id = d.endpoint_id AND ep.is_active)
-          ORDER BY d.next_attempt_at LIMIT 1),
+        -- The head of each active endpoint's queue (one index probe each).
+        (SELECT min(q.next_attempt_at) FROM barnum.webhook_endpoints ep
+          CROSS JOIN LATERAL (
+             SELECT d.next_attempt_at FROM barnum.webhook_deliveries d
+              WHERE d.endpoint_id = ep.id AND d.status = 'pending'
+              ORDER BY d.next_attempt_at LIMIT 1) q
+          WHERE ep.is_active),
         (SELECT min(locked_until) FROM barnum.webhook_deliveries WHERE status = 'processing'))
 $$;
 

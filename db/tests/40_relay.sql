@@ -2,7 +2,7 @@
 -- next_due_at / retry_dead_letters / queue_stats (SPEC §2.4, §2.6 relay-facing).
 -- The clock moves forward scenario by scenario; each scenario uses its own rows.
 BEGIN;
-SELECT plan(136);
+SELECT plan(141);
 
 SET LOCAL barnum.clock = '2030-01-10 10:00:00+00';
 
@@ -413,7 +413,29 @@ SELECT is_empty($$SELECT 1 FROM claimed WHERE label = 'c12' AND endpoint_id = '4
 SELECT isnt((SELECT status FROM barnum.webhook_deliveries WHERE endpoint_id = '40000000-0000-0000-0000-0000000000e3'),
             'processing', 'the disabled endpoint''s delivery is not leased');
 SELECT pg_temp.rec(delivery_id, attempt, true, false, 200) FROM claimed WHERE label = 'c12' \g /dev/null
+SELECT cmp_ok(barnum.next_due_at(), '>',
+              (SELECT next_attempt_at FROM barnum.webhook_deliveries
+                WHERE endpoint_id = '40000000-0000-0000-0000-0000000000e3'),
+              'next_due_at ignores the due delivery of a disabled endpoint (the relay''s timer does not spin on it)');
 UPDATE barnum.webhook_deliveries SET status = 'sent' WHERE endpoint_id = '40000000-0000-0000-0000-0000000000e3';
+
+-- ============================================================ 12b. oldest first across the endpoints' queues
+INSERT INTO barnum.webhook_endpoints (id, name, url, event_types) VALUES
+    ('40000000-0000-0000-0000-0000000000e5', 'third', 'https://hooks.example/third', '{appointment.confirmed}');
+SELECT barnum.create_whatsapp_event('appointment.confirmed', 'appointment', '40000000-0000-0000-0000-0000000000a9')
+    AS ev3 \gset
+UPDATE barnum.webhook_deliveries
+   SET next_attempt_at = CASE endpoint_id WHEN '40000000-0000-0000-0000-0000000000e5' THEN '2030-01-10 10:08:00+00'
+                                          ELSE '2030-01-10 10:08:30+00'::timestamptz END
+ WHERE event_id = :'ev3';
+SELECT is(pg_temp.claim('c12b', 'w1', '60 seconds', 1), 1, 'a claim of one row over two endpoints'' queues');
+SELECT is((SELECT endpoint_id FROM claimed WHERE label = 'c12b'), '40000000-0000-0000-0000-0000000000e5'::uuid,
+          'the oldest due row across the active endpoints'' queues comes first');
+SELECT is(pg_temp.claim('c12c', 'w1', '60 seconds', 1), 1, 'the next claim of one row');
+SELECT is((SELECT endpoint_id FROM claimed WHERE label = 'c12c'), '40000000-0000-0000-0000-0000000000e1'::uuid,
+          'then the next oldest, from the other queue');
+SELECT pg_temp.rec(delivery_id, attempt, true, false, 200) FROM claimed WHERE label IN ('c12b', 'c12c') \g /dev/null
+UPDATE barnum.webhook_endpoints SET is_active = false WHERE id = '40000000-0000-0000-0000-0000000000e5';
 
 -- ============================================================ 13. claim limit and the backoff cap
 SET LOCAL barnum.clock = '2030-01-10 10:10:00+00';
