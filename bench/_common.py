@@ -1,4 +1,4 @@
-"""Shared helpers of bench/triggers.py, bench/scale.py and bench/compare.py.
+"""Shared helpers of the benches (triggers, scale, compare, relay, soak).
 
 A private PostgreSQL 15 (fsync on) with a migrated template database, a
 loopback receiver process (uvicorn + uvloop + httptools) that verifies the
@@ -6,8 +6,9 @@ hex HMAC-SHA256 ``X-Webhook-Signature`` of every POST and remembers
 (event id, receipt time), a relay launcher, CPU/load helpers, a "wait until
 no other benchmark is loading the box" guard, and the RESULTS.md appender.
 
-Deliberately self-contained (copies the few bits of bench/relay.py it needs)
-so concurrent edits to that file cannot break these benches.
+bench/relay.py and bench/soak.py use its receiver plumbing too (the relay
+bench's receiver does not verify signatures, so its numbers stay comparable
+with its earlier runs).
 """
 
 from __future__ import annotations
@@ -322,22 +323,29 @@ def seed_clinic(conn: psycopg.Connection[Any], base_url: str | None, patients: i
 # ------------------------------------------------------------------ receiver
 
 
-def receiver_app(secret: str) -> Any:
+async def asgi_lifespan(receive: Any, send: Any) -> None:
+    """Answer uvicorn's lifespan messages (the receivers keep no state to set up)."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def receiver_app(secret: str | None) -> Any:
     """200 to every POST whose hex HMAC-SHA256 ``X-Webhook-Signature`` is
-    right (401 otherwise); remembers (X-Event-Id, receipt time)."""
-    key = secret.encode()
+    right (401 otherwise; ``secret`` None: no check); remembers (X-Event-Id,
+    receipt time)."""
+    key = secret.encode() if secret is not None else None
     received: list[tuple[str, float]] = []
     bad = [0]
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await asgi_lifespan(receive, send)
+            return
         if scope["method"] == "GET":
             if scope["path"] == "/reset":
                 received.clear()
@@ -366,8 +374,8 @@ def receiver_app(secret: str) -> Any:
                 event_id = value.decode()
             elif name == b"x-webhook-signature":
                 signature = value
-        expected = hmac.new(key, raw, hashlib.sha256).hexdigest().encode()
-        if not hmac.compare_digest(expected, signature):
+        if key is not None and not hmac.compare_digest(hmac.new(key, raw, hashlib.sha256).hexdigest().encode(),
+                                                       signature):
             bad[0] += 1
             await send({"type": "http.response.start", "status": 401, "headers": []})
             await send({"type": "http.response.body", "body": b"bad signature"})
@@ -380,7 +388,7 @@ def receiver_app(secret: str) -> Any:
     return app
 
 
-def serve_receiver(port: int, secret: str = SECRET) -> None:
+def serve_receiver(port: int, secret: str | None = SECRET) -> None:
     import uvicorn
 
     uvicorn.run(receiver_app(secret), host="127.0.0.1", port=port, loop="uvloop", http="httptools",
@@ -418,11 +426,13 @@ class Receiver:
 
 
 @contextmanager
-def receiver_process() -> Iterator[Receiver]:
+def receiver_process(verify: bool = True) -> Iterator[Receiver]:
+    """The receiver in its own process; ``verify`` False skips the signature check."""
     port = free_port()
+    secret = "_common.SECRET" if verify else "None"
     proc = subprocess.Popen([sys.executable, "-c",
                              f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); "
-                             f"import _common; _common.serve_receiver({port})"])
+                             f"import _common; _common.serve_receiver({port}, {secret})"])
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 20

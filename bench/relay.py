@@ -35,19 +35,14 @@ Prints the numbers and appends a markdown table (with this exact command) to
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -58,140 +53,13 @@ sys.path.insert(0, str(ROOT))
 import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+# The receiver (no signature check here, as in this bench's earlier runs),
+# loopback helpers and CPU accounting are shared with the other benches.
+from _common import Receiver, get_json, loadavg, proc_cpu, receiver_process, tree_cpu  # noqa: E402
+
 SECRET = "bench-secret"
 TEMPLATE = "barnum_bench_template"
-
-
-# ------------------------------------------------------------------ receiver
-
-
-def receiver_app() -> Any:
-    """A minimal ASGI app: 200 to every POST, remembers (event id, receipt time)."""
-    received: list[tuple[str, float]] = []
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        if scope["method"] == "GET":
-            if scope["path"] == "/reset":
-                received.clear()
-                body = b"{}"
-            else:
-                body = json.dumps({"count": len(received), "hits": received}).encode()
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"application/json")]})
-            await send({"type": "http.response.body", "body": body})
-            return
-        more = True
-        while more:
-            message = await receive()
-            more = message.get("more_body", False)
-        now = time.time()
-        event_id = ""
-        for name, value in scope["headers"]:
-            if name == b"x-event-id":
-                event_id = value.decode()
-                break
-        received.append((event_id, now))
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": b'{"ok":true}'})
-
-    return app
-
-
-def serve_receiver(port: int) -> None:
-    import uvicorn
-
-    uvicorn.run(receiver_app(), host="127.0.0.1", port=port, loop="uvloop", http="httptools",
-                log_level="warning", access_log=False, lifespan="on")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-RECEIVER_PID: list[int] = []
-
-
-@contextmanager
-def receiver_process() -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--serve-receiver", str(port)])
-    RECEIVER_PID[:] = [proc.pid]
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                get_json(base + "/stats")
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("receiver did not start")
-                time.sleep(0.05)
-        yield base
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=30) as resp:
-        return json.loads(resp.read())
-
-
-# ------------------------------------------------------------------ CPU accounting
-#
-# The box may be shared and loaded, so besides wall-clock rates the bench
-# reports CPU time per 1,000 deliveries for each party (relay, PostgreSQL,
-# receiver): that is what bounds throughput on two quiet cores.
-
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def proc_cpu(pid: int, *, with_children: bool = False) -> float:
-    """CPU seconds (user+system) of a live process; optionally plus its reaped children."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0.0
-    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
-    total = utime + stime + ((cutime + cstime) if with_children else 0)
-    return total / _TICK
-
-
-def children_of(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            if ppid == pid:
-                out.append(int(entry.name))
-    return out
-
-
-def tree_cpu(pid: int) -> float:
-    """CPU of a process, its live children and the children it reaped."""
-    return proc_cpu(pid, with_children=True) + sum(proc_cpu(c, with_children=True) for c in children_of(pid))
-
-
-def loadavg() -> str:
-    try:
-        return Path("/proc/loadavg").read_text().split()[0]
-    except OSError:
-        return "?"
 
 
 # ------------------------------------------------------------------ database
@@ -308,7 +176,8 @@ def stop_relay(proc: subprocess.Popen[bytes]) -> None:
 # ------------------------------------------------------------------ scenarios
 
 
-def throughput_run(db: Database, base: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+def throughput_run(db: Database, rx: Receiver, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    base = rx.base
     dsn = db.fresh()
     with psycopg.connect(dsn, autocommit=True) as conn:
         patient = setup_endpoint(conn, base)
@@ -322,7 +191,7 @@ def throughput_run(db: Database, base: str, args: argparse.Namespace, workdir: P
         get_json(base + "/reset")
         log_path = workdir / f"relay-{uuid.uuid4().hex[:6]}.log"
         pg0 = tree_cpu(db.postmaster) if db.postmaster else 0.0
-        rc0 = proc_cpu(RECEIVER_PID[0])
+        rc0 = proc_cpu(rx.pid)
         load0 = loadavg()
         started = time.monotonic()
         proc = start_relay(dsn, args, log_path)
@@ -341,7 +210,7 @@ def throughput_run(db: Database, base: str, args: argparse.Namespace, workdir: P
             end_to_end = time.monotonic() - started
             relay_cpu = tree_cpu(proc.pid)
             pg_cpu = (tree_cpu(db.postmaster) - pg0) if db.postmaster else float("nan")
-            recv_cpu = proc_cpu(RECEIVER_PID[0]) - rc0
+            recv_cpu = proc_cpu(rx.pid) - rc0
         finally:
             stop_relay(proc)
         stats = get_json(base + "/stats")
@@ -357,7 +226,8 @@ def throughput_run(db: Database, base: str, args: argparse.Namespace, workdir: P
                 "load": load0}
 
 
-def latency_run(db: Database, base: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+def latency_run(db: Database, rx: Receiver, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    base = rx.base
     dsn = db.fresh()
     with psycopg.connect(dsn, autocommit=True) as conn:
         patient = setup_endpoint(conn, base)
@@ -409,7 +279,6 @@ def latency_run(db: Database, base: str, args: argparse.Namespace, workdir: Path
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--serve-receiver", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=["both", "throughput", "latency"], default="both")
     parser.add_argument("--events", type=int, default=20000)
     parser.add_argument("--runs", type=int, default=3, help="throughput runs (median reported)")
@@ -424,21 +293,17 @@ def main() -> int:
                         help="extra SQL applied to the template after migrating (try a SQL change)")
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     args = parser.parse_args()
-    if args.serve_receiver is not None:
-        serve_receiver(args.serve_receiver)
-        return 0
-
     command = " ".join(["python bench/relay.py", *sys.argv[1:]])
     workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"barnum-bench-{uuid.uuid4().hex[:6]}"
     workdir.mkdir(parents=True)
     db = Database(args.sql)
     results: dict[str, Any] = {}
     try:
-        with receiver_process() as base:
+        with receiver_process(verify=False) as rx:
             if args.mode in ("both", "throughput"):
                 runs = []
                 for i in range(args.runs):
-                    r = throughput_run(db, base, args, workdir)
+                    r = throughput_run(db, rx, args, workdir)
                     runs.append(r)
                     print(f"throughput run {i + 1}: {r['deliveries_per_s']:.0f} deliveries/s "
                           f"(end to end {r['end_to_end_per_s']:.0f}/s, {r['received']} received, "
@@ -448,7 +313,7 @@ def main() -> int:
                           flush=True)
                 results["throughput"] = runs
             if args.mode in ("both", "latency"):
-                r = latency_run(db, base, args, workdir)
+                r = latency_run(db, rx, args, workdir)
                 print(f"latency: {r['events']:.0f} events at {args.rate:g}/s: p50 {r['p50_ms']:.2f} ms, "
                       f"p95 {r['p95_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, max {r['max_ms']:.2f} ms",
                       flush=True)

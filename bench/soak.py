@@ -55,7 +55,6 @@ import contextlib
 import fnmatch
 import hashlib
 import hmac
-import importlib.util
 import json
 import os
 import platform
@@ -79,14 +78,8 @@ sys.path.insert(0, str(ROOT))
 import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
 
-# Reuse bench/relay.py's helpers (free_port, get_json, loadavg).
-_spec = importlib.util.spec_from_file_location("bench_relay", ROOT / "bench" / "relay.py")
-assert _spec is not None and _spec.loader is not None
-bench_relay = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench_relay)
-free_port = bench_relay.free_port
-get_json = bench_relay.get_json
-loadavg = bench_relay.loadavg
+sys.path.insert(0, str(ROOT / "bench"))
+from _common import asgi_lifespan, free_port, get_json, loadavg  # noqa: E402
 
 PYTHON = str(ROOT / ".venv" / "bin" / "python")
 BARNUM = str(ROOT / ".venv" / "bin" / "barnum")
@@ -129,13 +122,8 @@ def receiver_app(p_5xx: float, p_timeout: float, sleep_s: float, fail_cap: int, 
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await asgi_lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         if scope["method"] == "GET":
