@@ -575,13 +575,18 @@ def trial_paused(db: C.Database, paused: int, live: int, claims: int, guard: C.G
 # ------------------------------------------------------------------ main
 
 
-def run_trial_paused(args: argparse.Namespace, command: str) -> int:
-    log(f"waiting for a quiet box… {C.wait_quiet()}")
+def in_private_cluster(trial: Any, *args: Any) -> tuple[C.Database, dict[str, Any]]:
+    """Run one trial (guarded against other benchmarks) in a private cluster, stopped after."""
     db = C.Database(extra_settings=SETTINGS)
     try:
-        r = C.guarded(trial_paused, db, args.trial_paused, args.live, args.claims)
+        return db, C.guarded(trial, db, *args)
     finally:
         db.close()
+
+
+def run_trial_paused(args: argparse.Namespace, command: str) -> int:
+    log(f"waiting for a quiet box… {C.wait_quiet()}")
+    db, r = in_private_cluster(trial_paused, args.trial_paused, args.live, args.claims)
     rows = [("claim_deliveries_text(…, 50), as shipped (incl. rendering, tokens, commit)",
              f"{r['claim']['p50']:.1f} / {r['claim']['p99']:.1f} / {r['claim']['max']:.1f}", "", "–"),
             ("next_due_at(), as shipped", f"{r['next_due_at']['p50']:.2f} / {r['next_due_at']['p99']:.2f} / "
@@ -630,11 +635,7 @@ def main() -> int:
     args = p.parse_args()
     command = " ".join([".venv/bin/python bench/scale.py", *sys.argv[1:]])
     if args.trial_expiry:
-        db = C.Database(extra_settings=SETTINGS)
-        try:
-            r = C.guarded(trial_expiry, db, args.past, args.upcoming)
-        finally:
-            db.close()
+        db, r = in_private_cluster(trial_expiry, args.past, args.upcoming)
         for k in ("stale", "fresh", "proposed"):
             print(f"{k}: {r[k][0]:.2f} ms — {r[k][1]}")
         if not args.no_record:
