@@ -31,7 +31,7 @@ BUFFERS, nested statements — the plans the functions really use).
 
 Purge: ``retention`` set so the oldest ``--purge`` events qualify; tick()
 is called back to back until they are gone (each call purges ``p_batch`` =
-1000 events, their deliveries and attempts by cascade) while a second
+250 events — tick()'s default — their deliveries and attempts by cascade) while a second
 connection claims + records + recycles continuously.  Reported: purge
 duration and rate, tick() p50/p99/max, claim p50/p99/max before and during
 the purge and the longest claim stall (target ≤ 100 ms).
@@ -244,7 +244,7 @@ def explain(db: C.Database, name: str, out: Path) -> list[str]:
             """EXPLAIN (ANALYZE, BUFFERS)
                SELECT e.id FROM barnum.whatsapp_events e
                 WHERE e.status IN ('sent', 'skipped', 'dead_letter') AND e.created_at < now() - %s::interval
-                ORDER BY e.created_at LIMIT 1000 FOR UPDATE SKIP LOCKED""", (cutoff,)).fetchall()
+                ORDER BY e.created_at LIMIT 250 FOR UPDATE SKIP LOCKED""", (cutoff,)).fetchall()
         notices.append("\n".join(r[0] for r in plan))
     text = "\n\n".join(notices)
     out.write_text(text)
@@ -429,7 +429,7 @@ UPDATE barnum.whatsapp_workflows w SET status = 'expired', updated_at = now()
  WHERE w.id IN (SELECT y.id FROM barnum.whatsapp_workflows y
                  WHERE y.status = 'sent' AND y.expires_at IS NOT NULL AND y.expires_at < now()
                  ORDER BY y.expires_at
-                 LIMIT 1000)"""
+                 LIMIT 250)"""
 
 
 def explain_time(conn: psycopg.Connection[Any], q: str, n: int = 20) -> tuple[float, str]:
@@ -618,7 +618,7 @@ def main() -> int:
     p.add_argument("--live", type=int, default=20_000, help="live appointments with a pending due delivery")
     p.add_argument("--small-history", type=int, default=10_000, help="history events of the small outbox")
     p.add_argument("--purge", type=int, default=5_000_000, help="old events the retention purge removes")
-    p.add_argument("--tick-batches", default="1000",
+    p.add_argument("--tick-batches", default="250",
                    help="comma-separated tick(p_batch) values: the purge is split into equal phases, one per value")
     p.add_argument("--claims", type=int, default=200)
     p.add_argument("--purge-max-seconds", type=float, default=3600)
@@ -653,7 +653,7 @@ def main() -> int:
                 "| form | ms | plan (scans) |", "|---|---:|---|",
                 f"| first release, statistics taken before the workflows were sent | {r['stale'][0]:.2f} | {r['stale'][1]} |",
                 f"| first release, fresh statistics | {r['fresh'][0]:.2f} | {r['fresh'][1]} |",
-                f"| migration 0002: `expires_at` + partial index, batch of 1,000 | **{r['proposed'][0]:.2f}** | "
+                f"| migration 0002: `expires_at` + partial index, batch of 250 | **{r['proposed'][0]:.2f}** | "
                 f"{r['proposed'][1]} |"]))
         return 0
     if args.trial_paused:

@@ -1,8 +1,14 @@
 -- 90_tick: time-driven work, called by every relay sweep (SPEC §2.5).
 -- Idempotent and bounded: each rule handles at most a batch per call, so a
 -- backlog drains over a few sweeps instead of one long transaction.
+--
+-- The batch is 250: a retention purge of 1,000 events (with their deliveries
+-- and attempts by cascade) writes enough WAL that claims committing behind
+-- it stalled up to 322 ms on the test box; at 250 the longest was 84 ms
+-- (bench/scale.py, issue 7 §3).  250 per 5-s sweep still purges 4 M events
+-- a day and creates far more reminders than any clinic books.
 
-CREATE OR REPLACE FUNCTION barnum.tick(p_batch int DEFAULT 1000) RETURNS jsonb
+CREATE OR REPLACE FUNCTION barnum.tick(p_batch int DEFAULT 250) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = barnum, pg_temp
 AS $$
