@@ -3,8 +3,17 @@
 -- delivery whose event no longer makes sense is skipped with the reason.
 -- claim_deliveries_text (60_relay) applies these to a whole batch at once.
 
--- An appointment as payloads and pages show it, times in the clinic's zone.
-CREATE OR REPLACE FUNCTION barnum.appointment_json(a barnum.appointments, p_tz text) RETURNS jsonb
+-- event_payload's arguments changed (the claim joins the rows it renders).
+DROP FUNCTION IF EXISTS barnum.event_payload(barnum.whatsapp_events, barnum.appointments, jsonb, text);
+
+-- An appointment as payloads and pages show it, times in the clinic's zone,
+-- from the rows it names.  A bare expression (no sub-select) on purpose:
+-- the claim's render query inlines it over a whole batch joined with its
+-- patients, professionals and specialties — called per row with sub-selects
+-- it was a third of a 50-row claim.
+CREATE OR REPLACE FUNCTION barnum.appointment_doc(
+    a barnum.appointments, p barnum.patients, p_professional text, p_specialty text, p_tz text)
+RETURNS jsonb
 LANGUAGE sql STABLE
 AS $$
     SELECT jsonb_build_object(
@@ -13,12 +22,35 @@ AS $$
         'time', barnum.local_time(a.starts_at, p_tz),
         'starts_at', a.starts_at,
         'status', a.status,
-        'patient', (SELECT jsonb_build_object('id', p.id, 'name', p.name, 'phone', p.phone)
-                      FROM barnum.patients p WHERE p.id = a.patient_id),
-        'professional', jsonb_build_object('name',
-            (SELECT name FROM barnum.professionals WHERE id = a.professional_id)),
-        'specialty', jsonb_build_object('name',
-            (SELECT name FROM barnum.specialties WHERE id = a.specialty_id)))
+        'patient', CASE WHEN p.id IS NOT NULL THEN jsonb_build_object('id', p.id, 'name', p.name, 'phone', p.phone) END,
+        'professional', jsonb_build_object('name', p_professional),
+        'specialty', jsonb_build_object('name', p_specialty))
+$$;
+
+-- One appointment, looked up (action pages, callback replies).  PL/pgSQL so
+-- its lookups keep their plans for the session.
+CREATE OR REPLACE FUNCTION barnum.appointment_json(a barnum.appointments, p_tz text) RETURNS jsonb
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    p barnum.patients;
+    v_professional text;
+    v_specialty text;
+BEGIN
+    SELECT * INTO p FROM barnum.patients WHERE id = a.patient_id;
+    SELECT name INTO v_professional FROM barnum.professionals WHERE id = a.professional_id;
+    SELECT name INTO v_specialty FROM barnum.specialties WHERE id = a.specialty_id;
+    RETURN barnum.appointment_doc(a, p, v_professional, v_specialty, p_tz);
+END
+$$;
+
+-- A patient as patient events show it.
+CREATE OR REPLACE FUNCTION barnum.patient_doc(p barnum.patients, p_tz text) RETURNS jsonb
+LANGUAGE sql STABLE
+AS $$
+    SELECT CASE WHEN p.id IS NOT NULL THEN jsonb_build_object(
+               'id', p.id, 'name', p.name, 'phone', p.phone,
+               'last_visit_date', barnum.local_date(p.last_visit_at, p_tz)) END
 $$;
 
 -- Which links each event type offers the patient.
@@ -61,27 +93,21 @@ $$;
 
 -- The payload of one event (SPEC §3): the seed's shape plus event_id, the
 -- appointment as it is now (or the patient, for patient events) and the
--- action links minted for this delivery.
+-- action links minted for this delivery.  A bare expression, inlined into
+-- the claim's render query like appointment_doc.
 CREATE OR REPLACE FUNCTION barnum.event_payload(
-    e barnum.whatsapp_events, a barnum.appointments, p_links jsonb, p_tz text)
+    e barnum.whatsapp_events, p_appointment jsonb, p_patient jsonb, p_links jsonb)
 RETURNS jsonb
-LANGUAGE plpgsql STABLE
+LANGUAGE sql STABLE
 AS $$
-BEGIN
-    RETURN jsonb_build_object(
+    SELECT jsonb_build_object(
                'event_id', e.id, 'event_type', e.event_type, 'entity_id', e.entity_id,
                'created_at', to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'),
                'workflow_id', e.workflow_id)
         || CASE WHEN e.data <> '{}' THEN jsonb_build_object('data', e.data) ELSE '{}' END
-        || CASE WHEN e.entity_type = 'patient' THEN jsonb_build_object(
-                   'patient', (SELECT jsonb_build_object(
-                                   'id', p.id, 'name', p.name, 'phone', p.phone,
-                                   'last_visit_date', barnum.local_date(p.last_visit_at, p_tz))
-                                 FROM barnum.patients p WHERE p.id = e.entity_id),
-                   'action_links', '{}'::jsonb)
-           ELSE jsonb_build_object(
-                   'appointment', barnum.appointment_json(a, p_tz),
-                   'action_links', coalesce(p_links, '{}'::jsonb))
-           END;
-END
+        || CASE WHEN e.entity_type = 'patient'
+                THEN jsonb_build_object('patient', p_patient, 'action_links', '{}'::jsonb)
+                ELSE jsonb_build_object('appointment', p_appointment,
+                                        'action_links', coalesce(p_links, '{}'::jsonb))
+           END
 $$;

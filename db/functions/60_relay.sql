@@ -197,11 +197,17 @@ BEGIN
     )
     SELECT c.d_id, (c.ev).id, (c.ev).event_type, c.ep_id,
            replace(ep.url, '{event_type}', (c.ev).event_type), ep.secret, c.d_attempt, ep.timeout_ms,
-           barnum.event_payload(c.ev, c.ap, links.l, v_tz)::text,
+           barnum.event_payload(c.ev, barnum.appointment_doc(c.ap, ap_p, pr.name, sp.name, v_tz),
+                                barnum.patient_doc(pp, v_tz), links.l)::text,
            (c.ev).id || '-' || extract(epoch FROM (c.ev).created_at)::bigint
       FROM c
       JOIN barnum.webhook_endpoints ep ON ep.id = c.ep_id
       LEFT JOIN links ON links.d_id = c.d_id
+      -- What the payload shows, joined for the whole batch (see appointment_doc).
+      LEFT JOIN barnum.patients ap_p ON ap_p.id = (c.ap).patient_id
+      LEFT JOIN barnum.professionals pr ON pr.id = (c.ap).professional_id
+      LEFT JOIN barnum.specialties sp ON sp.id = (c.ap).specialty_id
+      LEFT JOIN barnum.patients pp ON (c.ev).entity_type = 'patient' AND pp.id = (c.ev).entity_id
      ORDER BY c.d_id;
 END
 $$;

@@ -2,7 +2,7 @@
 -- next_due_at / retry_dead_letters / queue_stats (SPEC §2.4, §2.6 relay-facing).
 -- The clock moves forward scenario by scenario; each scenario uses its own rows.
 BEGIN;
-SELECT plan(141);
+SELECT plan(143);
 
 SET LOCAL barnum.clock = '2030-01-10 10:00:00+00';
 
@@ -285,6 +285,12 @@ SELECT results_eq(
     $$SELECT payload #>> '{patient,id}', payload #>> '{patient,phone}', payload ? 'appointment' FROM claimed WHERE label = 'c7'$$,
     $$VALUES ('40000000-0000-0000-0000-000000000003', '+351940000003', false)$$,
     'a patient event carries the patient and no appointment');
+SELECT is((SELECT payload -> 'patient' FROM claimed WHERE label = 'c7'),
+          '{"id": "40000000-0000-0000-0000-000000000003", "name": "Inactive Patient", "phone": "+351940000003",
+            "last_visit_date": null}'::jsonb,
+          'the patient object has id, name, phone and last_visit_date (none yet)');
+SELECT is((SELECT payload -> 'action_links' FROM claimed WHERE label = 'c7'), '{}'::jsonb,
+          'a patient event has no action links');
 SELECT is(pg_temp.rec(pg_temp.did('40000000-0000-0000-0000-000000000003', 'patient.reactivation'), 1, false, true, 500), 1,
           'first failure on the max_attempts = 2 endpoint');
 SELECT is((pg_temp.dl(pg_temp.did('40000000-0000-0000-0000-000000000003', 'patient.reactivation'))).status, 'pending',
