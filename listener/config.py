@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Final, Mapping
 
 from listener.signing import parse_secrets
 
@@ -28,6 +28,8 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "INFO"
+    #: Refuse callbacks whose signature covers no timestamp (the seed's body-only hex scheme).
+    webhook_require_timestamp: bool = False
 
     @property
     def signing_key(self) -> bytes:
@@ -68,6 +70,7 @@ def load(env: Mapping[str, str] | None = None) -> Config:
     level = e.get("BARNUM_LOG_LEVEL", "INFO").upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
         raise ConfigError(f"BARNUM_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
+    require_ts = _flag(e, "WEBHOOK_REQUIRE_TIMESTAMP")
     public = e.get("BARNUM_PUBLIC_URL") or None
     if public and not public.startswith(("http://", "https://")):
         raise ConfigError(f"BARNUM_PUBLIC_URL must start with http:// or https://, got {public!r}")
@@ -81,4 +84,19 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         host=e.get("BARNUM_HOST", "127.0.0.1"),
         port=port,
         log_level=level,
+        webhook_require_timestamp=require_ts,
     )
+
+
+_TRUE: Final = {"1", "true", "yes", "on"}
+_FALSE: Final = {"", "0", "false", "no", "off"}
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    """A boolean variable: true/false, 1/0, yes/no, on/off (unset = false)."""
+    value = env.get(name, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(f"{name} must be true or false, got {env[name]!r}")

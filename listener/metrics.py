@@ -38,6 +38,11 @@ SIGNATURE_FAILURES = Counter(
     "barnum_signature_failures_total",
     "Callbacks rejected because the signature was missing, wrong or stale",
 )
+REPLAYABLE_SIGNATURES = Counter(
+    "barnum_callbacks_body_only_signature_total",
+    "Callbacks accepted with a hex signature that covers no timestamp (replayable; "
+    "set WEBHOOK_REQUIRE_TIMESTAMP once this stays at zero)",
+)
 QUEUE_DEPTH = Gauge(
     "barnum_queue_deliveries",
     "Deliveries by queue state (pending, due, processing, dead_letter)",

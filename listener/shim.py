@@ -50,7 +50,7 @@ from starlette.routing import Route
 from listener import logs, metrics, pages, queries
 from listener.config import Config, ConfigError
 from listener.db import barnum_error, create_pool, migration_versions
-from listener.signing import verify_hex, verify_standard
+from listener.signing import Verdict, verify_callback
 
 log = logging.getLogger("barnum.shim")
 
@@ -348,9 +348,12 @@ class _Shim:
             return json_error(415, "Content-Type must be application/json"), label
 
         # 3. Signature over the exact bytes (constant-time, any accepted secret).
-        if not self.signature_ok(request, body):
+        verdict = self.verify_signature(request, body)
+        if not verdict.ok:
             metrics.SIGNATURE_FAILURES.inc()
             return json_error(401, "missing or invalid webhook signature"), label
+        if verdict.scheme == "hex-body":
+            metrics.REPLAYABLE_SIGNATURES.inc()
 
         # 4. JSON syntax (the values are SQL's business).
         try:
@@ -363,12 +366,9 @@ class _Shim:
         if action is None and isinstance(doc.get("action"), str) and doc["action"] in CALLBACK_ACTIONS:
             label = doc["action"]
 
-        key = headers.get("webhook-id") or headers.get("x-idempotency-key")
-        key = key.strip() if key else None
-
-        # 5. One SQL call.
+        # 5. One SQL call; the idempotency key is one the signature covers.
         try:
-            result = await self.fetch_text(queries.HANDLE_CALLBACK, action, text, key or None)
+            result = await self.fetch_text(queries.HANDLE_CALLBACK, action, text, verdict.idempotency_key)
         except Exception as exc:  # noqa: BLE001 - mapped to a JSON error below
             return self._webhook_error(exc), label
         if not isinstance(result, str):
@@ -376,16 +376,14 @@ class _Shim:
             return json_error(500, "internal error"), label
         return json_response(200, result.encode("utf-8")), label
 
-    def signature_ok(self, request: Request, body: bytes) -> bool:
-        """Standard Webhooks when its headers are present (then they must
-        verify: a stale timestamp is not rescued by the hex header), else
-        ``X-Webhook-Signature``."""
-        keys = self.config.webhook_secrets
-        headers = request.headers
-        standard = headers.get("webhook-signature")
-        if standard is not None:
-            return verify_standard(keys, body, headers.get("webhook-id"), headers.get("webhook-timestamp"), standard)
-        return verify_hex(keys, body, headers.get("x-webhook-signature"))
+    def verify_signature(self, request: Request, body: bytes) -> Verdict:
+        """Standard Webhooks, else the hex scheme (see :func:`verify_callback`)."""
+        return verify_callback(
+            self.config.webhook_secrets,
+            body,
+            request.headers,
+            require_timestamp=self.config.webhook_require_timestamp,
+        )
 
     def _webhook_error(self, exc: BaseException) -> Response:
         err = barnum_error(exc)
@@ -846,20 +844,23 @@ def _callback_operation(summary: str, schema: dict[str, Any], op_id: str) -> dic
             "operationId": op_id,
             "summary": summary,
             "tags": ["callbacks"],
-            "security": [{"webhookSignature": []}, {"standardWebhooks": []}],
+            "security": [{"standardWebhooks": []}, {"webhookSignature": []}],
             "parameters": [
-                {"name": "X-Webhook-Signature", "in": "header", "required": False,
-                 "schema": {"type": "string"},
-                 "description": "lowercase hex HMAC-SHA256(secret, raw body); `sha256=` prefix allowed"},
                 {"name": "webhook-id", "in": "header", "required": False, "schema": {"type": "string"},
                  "description": "Standard Webhooks message id; also the idempotency key"},
                 {"name": "webhook-timestamp", "in": "header", "required": False, "schema": {"type": "string"},
                  "description": "Standard Webhooks: unix seconds, within 5 minutes of the server clock"},
                 {"name": "webhook-signature", "in": "header", "required": False, "schema": {"type": "string"},
                  "description": "Standard Webhooks: `v1,<base64 HMAC-SHA256(secret, id.timestamp.body)>`"},
-                {"name": "X-Idempotency-Key", "in": "header", "required": False,
-                 "schema": {"type": "string", "maxLength": 255},
-                 "description": "idempotency key when webhook-id is absent"},
+                {"name": "X-Webhook-Signature", "in": "header", "required": False,
+                 "schema": {"type": "string"},
+                 "description": "lowercase hex HMAC-SHA256(secret, `{X-Webhook-Timestamp}.{raw body}`), "
+                                "`sha256=` prefix allowed; without X-Webhook-Timestamp over the raw body "
+                                "alone (replayable; refused when WEBHOOK_REQUIRE_TIMESTAMP is on). "
+                                "The idempotency key is derived from this signature"},
+                {"name": "X-Webhook-Timestamp", "in": "header", "required": False,
+                 "schema": {"type": "string", "pattern": "^[0-9]{1,12}$"},
+                 "description": "unix seconds covered by X-Webhook-Signature, within 5 minutes of the server clock"},
             ],
             "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
             "responses": {

@@ -2,10 +2,18 @@
 
 Two schemes over the exact body bytes:
 
-* ``X-Webhook-Signature``: lowercase hex HMAC-SHA256(key, body), optionally
-  prefixed ``sha256=`` by senders;
 * Standard Webhooks: ``webhook-signature: v1,<base64 HMAC-SHA256(key,
-  "{id}.{timestamp}.{body}")>`` (space-separated list of signatures allowed).
+  "{id}.{timestamp}.{body}")>`` (space-separated list of signatures allowed);
+  the signed ``webhook-id`` is the callback's idempotency key.
+* ``X-Webhook-Signature``: lowercase hex HMAC-SHA256, optionally prefixed
+  ``sha256=`` by senders.  With ``X-Webhook-Timestamp: <unix seconds>`` the
+  signed bytes are ``"{timestamp}.{body}"`` (5-minute window); without it
+  only the body is signed (the seed's scheme, replayable: refused when
+  ``WEBHOOK_REQUIRE_TIMESTAMP`` is on).  No header of this scheme but the
+  signature is signed, so its idempotency key is derived from the signature.
+
+Header values are compared as bytes: a header holding non-ASCII characters
+is a failed check, never an exception.
 
 A secret ``whsec_<base64>`` means its decoded bytes; any other secret its
 UTF-8 bytes.  ``WEBHOOK_SECRET`` may list several secrets separated by commas:
@@ -18,10 +26,15 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 #: Standard Webhooks' default tolerance for webhook-timestamp.
 TIMESTAMP_TOLERANCE_SECONDS = 300
+#: A unix timestamp in seconds: digits only, short enough to be a date.
+_TIMESTAMP_RE = re.compile(r"[0-9]{1,12}")
 
 
 def decode_secret(secret: str) -> bytes:
@@ -77,19 +90,46 @@ def outbound_headers(
     }
 
 
-def verify_hex(keys: list[bytes], body: bytes, header: str | None) -> bool:
-    """Check ``X-Webhook-Signature`` (optional ``sha256=`` prefix) against any key."""
-    if not header:
-        return False
+def _header_bytes(value: str) -> bytes:
+    """A header value's bytes (Starlette decodes headers as Latin-1)."""
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape")
+
+
+def _timestamp(text: str | None, now: float | None, tolerance: int) -> int | None:
+    """A fresh unix timestamp from a header, or None (absent, malformed, stale or future)."""
+    if text is None or not _TIMESTAMP_RE.fullmatch(text.strip()):
+        return None
+    ts = int(text.strip())
+    current = time.time() if now is None else now
+    return ts if abs(current - ts) <= tolerance else None
+
+
+def _hex_given(header: str) -> bytes:
     given = header.strip()
-    if given.lower().startswith("sha256="):
-        given = given[len("sha256="):]
-    given = given.lower()
-    ok = False
+    if given[:7].lower() == "sha256=":
+        given = given[7:]
+    return _header_bytes(given.lower())
+
+
+def verify_hex(keys: list[bytes], body: bytes, header: str | None, *, timestamp: int | None = None) -> str | None:
+    """Check ``X-Webhook-Signature`` (optional ``sha256=`` prefix) against any key.
+
+    With ``timestamp`` the signed bytes are ``"{timestamp}.{body}"``.  Returns
+    the matching signature (lowercase hex) or None."""
+    if not header:
+        return None
+    given = _hex_given(header)
+    signed = body if timestamp is None else f"{timestamp}.".encode() + body
+    match: str | None = None
     for key in keys:
         # No early exit: every key is compared, in constant time each.
-        ok |= hmac.compare_digest(hex_signature(key, body), given)
-    return ok
+        expected = hex_signature(key, signed)
+        if hmac.compare_digest(expected.encode(), given):
+            match = expected
+    return match
 
 
 def verify_standard(
@@ -102,20 +142,62 @@ def verify_standard(
     now: float | None = None,
     tolerance: int = TIMESTAMP_TOLERANCE_SECONDS,
 ) -> bool:
-    """Check Standard Webhooks headers; a stale or future timestamp fails."""
-    if not (msg_id and timestamp and signature):
+    """Check Standard Webhooks headers; a stale, future or malformed timestamp fails."""
+    if not (msg_id and signature):
         return False
-    try:
-        ts = int(timestamp)
-    except ValueError:
+    ts = _timestamp(timestamp, now, tolerance)
+    if ts is None:
         return False
-    current = time.time() if now is None else now
-    if abs(current - ts) > tolerance:
-        return False
-    candidates = [s for s in signature.split(" ") if s.startswith("v1,")]
+    candidates = [_header_bytes(s) for s in signature.split(" ") if s.startswith("v1,")]
+    signed = _header_bytes(msg_id) + f".{ts}.".encode() + body
     ok = False
     for key in keys:
-        expected = standard_signature(key, msg_id, ts, body)
+        expected = ("v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()).encode()
         for cand in candidates:
             ok |= hmac.compare_digest(expected, cand)
     return ok
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of checking a callback's signature."""
+
+    ok: bool
+    #: ``standard``, ``hex-timestamp`` or ``hex-body`` (the replayable seed scheme).
+    scheme: str = ""
+    #: Idempotency key covered by (or derived from) the signature.
+    idempotency_key: str | None = None
+
+
+def verify_callback(
+    keys: list[bytes],
+    body: bytes,
+    headers: Mapping[str, str],
+    *,
+    require_timestamp: bool = False,
+    now: float | None = None,
+) -> Verdict:
+    """Check an inbound callback's signature (README: Signing callbacks).
+
+    Standard Webhooks when ``webhook-signature`` is present (then it must
+    verify: a valid hex header does not rescue it), else the hex scheme —
+    timestamped when ``X-Webhook-Timestamp`` is present, body-only otherwise
+    (refused with ``require_timestamp``).  ``headers`` is looked up with
+    lowercase names."""
+    standard = headers.get("webhook-signature")
+    if standard is not None:
+        msg_id = headers.get("webhook-id")
+        if verify_standard(keys, body, msg_id, headers.get("webhook-timestamp"), standard, now=now):
+            return Verdict(True, "standard", (msg_id or "").strip() or None)
+        return Verdict(False)
+    stamp = headers.get("x-webhook-timestamp")
+    if stamp is not None:
+        ts = _timestamp(stamp, now, TIMESTAMP_TOLERANCE_SECONDS)
+        if ts is None:
+            return Verdict(False)
+        match = verify_hex(keys, body, headers.get("x-webhook-signature"), timestamp=ts)
+        return Verdict(True, "hex-timestamp", f"sig:{match}") if match else Verdict(False)
+    if require_timestamp:
+        return Verdict(False)
+    match = verify_hex(keys, body, headers.get("x-webhook-signature"))
+    return Verdict(True, "hex-body", f"sig:{match}") if match else Verdict(False)

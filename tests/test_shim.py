@@ -38,7 +38,7 @@ from psycopg.rows import TupleRow
 from standardwebhooks import Webhook
 
 from listener import logs, pages
-from listener.config import Config, load
+from listener.config import Config, ConfigError, load
 from listener.shim import MAX_BODY_BYTES, ShimServer, create_app
 from tests.helpers import wait_until
 
@@ -204,6 +204,18 @@ def signed(body: Any, *, secret: str = SECRET, prefix: str = "", key: str | None
     if key:
         headers["X-Idempotency-Key"] = key
     return {"content": raw, "headers": headers}
+
+
+def hex_timestamped(body: Any, *, secret: str = SECRET, ts: int | None = None,
+                    sign_ts: int | None = None) -> dict[str, Any]:
+    """httpx kwargs signed with the timestamped hex scheme (``{ts}.{body}``)."""
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    stamp = int(time.time()) if ts is None else ts
+    signed_stamp = stamp if sign_ts is None else sign_ts
+    return {"content": raw, "headers": {
+        "Content-Type": "application/json",
+        "X-Webhook-Timestamp": str(stamp),
+        "X-Webhook-Signature": "sha256=" + sign_hex(f"{signed_stamp}.".encode() + raw, secret)}}
 
 
 def standard_signed(body: Any, *, secret: str = OLD_SECRET, msg_id: str | None = None,
@@ -543,6 +555,103 @@ def test_signature_failures_are_401_and_change_nothing(shim: Running, db_conn: C
     assert snapshot(db_conn) == before
 
 
+def test_timestamped_hex_signature(shim: Running, db_conn: Conn) -> None:
+    appt = seed(db_conn)
+    body = {"action": "cancel", "appointmentId": appt.id}
+    before = snapshot(db_conn)
+    now = int(time.time())
+    for kwargs in (
+        hex_timestamped(body, ts=now - 6 * 60),               # stale
+        hex_timestamped(body, ts=now + 6 * 60),               # future
+        hex_timestamped(body, ts=now, sign_ts=now - 1),       # the header is not what was signed
+        {"content": json.dumps(body).encode(), "headers": {   # body-only signature beside a timestamp
+            "Content-Type": "application/json", "X-Webhook-Timestamp": str(now),
+            "X-Webhook-Signature": sign_hex(json.dumps(body).encode())}},
+    ):
+        response = shim.client.post("/api/webhook", **kwargs)
+        assert response.status_code == 401, kwargs["headers"]
+    assert snapshot(db_conn) == before
+    ok = shim.client.post("/api/webhook", **hex_timestamped(body))
+    assert ok.status_code == 200, ok.text
+    assert status_of(db_conn, appt) == "cancelled"
+
+
+def test_a_replayed_body_only_callback_changes_nothing(shim: Running, db_conn: Conn) -> None:
+    """Issue 12.1: a captured body-only signed cancel, replayed after the
+    appointment was rescheduled, must not cancel it again."""
+    appt = seed(db_conn)
+    captured = signed({"action": "cancel", "appointmentId": appt.id, "reason": "sick"})
+    first = shim.client.post("/api/webhook", **captured)
+    assert first.status_code == 200 and status_of(db_conn, appt) == "cancelled"
+    moved = shim.client.post("/api/webhook", **hex_timestamped(
+        {"action": "reschedule", "appointmentId": appt.id, "newDate": "2027-06-01", "newTime": "11:00"}))
+    assert moved.status_code == 200 and status_of(db_conn, appt) == "scheduled"
+    before = snapshot(db_conn)
+    for key in (None, "attacker-key-1"):
+        replay = {"content": captured["content"], "headers": dict(captured["headers"])}
+        if key:
+            replay["headers"]["X-Idempotency-Key"] = key
+        response = shim.client.post("/api/webhook", **replay)
+        assert response.status_code == 200 and response.json() == first.json()
+    assert status_of(db_conn, appt) == "scheduled"
+    assert snapshot(db_conn) == before
+
+
+def test_require_timestamp_refuses_body_only_signatures(db_url: str, db_conn: Conn) -> None:
+    config = make_config(db_url)
+    strict = Config(**{**config.__dict__, "webhook_require_timestamp": True})
+    assert load({"WEBHOOK_REQUIRE_TIMESTAMP": "true"}).webhook_require_timestamp is True
+    with pytest.raises(ConfigError, match="WEBHOOK_REQUIRE_TIMESTAMP"):
+        load({"WEBHOOK_REQUIRE_TIMESTAMP": "sometimes"})
+    with running_shim(strict) as running:
+        appt = seed(db_conn)
+        body = {"action": "confirm", "appointmentId": appt.id}
+        before = snapshot(db_conn)
+        refused = running.client.post("/api/webhook", **signed(body))
+        assert refused.status_code == 401 and snapshot(db_conn) == before
+        assert running.client.post("/api/webhook", **hex_timestamped(body)).status_code == 200
+        other = seed(db_conn, patient="Ana")
+        assert running.client.post(
+            "/api/webhook", **standard_signed({"action": "confirm", "appointmentId": other.id})).status_code == 200
+
+
+def _counter(name: str) -> float:
+    from prometheus_client import REGISTRY
+    value = REGISTRY.get_sample_value(name)
+    return 0.0 if value is None else value
+
+
+def test_malformed_signature_headers_are_401_not_500(
+        shim: Running, db_conn: Conn, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 12.2: non-ASCII signature headers and a 400-digit timestamp."""
+    caplog.set_level(logging.INFO)
+    appt = seed(db_conn)
+    raw = json.dumps({"action": "cancel", "appointmentId": appt.id}).encode()
+    base = {b"Content-Type": b"application/json"}
+    now = str(int(time.time())).encode()
+    attempts: list[dict[bytes, bytes]] = [
+        {b"X-Webhook-Signature": "é".encode("latin-1") * 64},
+        {b"X-Webhook-Signature": "sha256=ñ".encode("utf-8")},
+        {b"X-Webhook-Signature": b"\xff" * 64, b"X-Webhook-Timestamp": now},
+        {b"webhook-id": b"msg_1", b"webhook-timestamp": now, b"webhook-signature": "v1,ü".encode("latin-1")},
+        {b"webhook-id": "msg_é".encode("utf-8"), b"webhook-timestamp": now, b"webhook-signature": b"v1,AAAA"},
+        {b"webhook-id": b"msg_1", b"webhook-timestamp": b"9" * 400, b"webhook-signature": b"v1,AAAA"},
+        {b"webhook-id": b"msg_1", b"webhook-timestamp": b"-1", b"webhook-signature": b"v1,AAAA"},
+        {b"webhook-id": b"msg_1", b"webhook-timestamp": b"1_700_000_000", b"webhook-signature": b"v1,AAAA"},
+        {b"X-Webhook-Signature": b"00", b"X-Webhook-Timestamp": b"9" * 400},
+    ]
+    before = snapshot(db_conn)
+    failures = _counter("barnum_signature_failures_total")
+    for extra in attempts:
+        response = shim.client.post("/api/webhook", content=raw, headers={**base, **extra})
+        assert response.status_code == 401, (extra, response.text)
+        assert response.json()["error"]["code"] == "UNAUTHORIZED"
+    assert _counter("barnum_signature_failures_total") - failures == len(attempts)
+    assert snapshot(db_conn) == before
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
+
+
 def test_secret_rotation_accepts_every_listed_secret(db_url: str, db_conn: Conn) -> None:
     new = "rotated-secret-2027"
     with running_shim(make_config(db_url, secret=f"{new},{SECRET}")) as running:
@@ -569,14 +678,23 @@ def test_idempotent_replay(shim: Running, db_conn: Conn) -> None:
         assert row is not None
         return int(row[0])
 
-    first = shim.client.post("/api/webhook", **signed(body, key="n8n-exec-1"))
+    kwargs = hex_timestamped(body)
+    first = shim.client.post("/api/webhook", **kwargs)
     assert first.status_code == 200 and events() == 1
-    again = shim.client.post("/api/webhook", **signed(body, key="n8n-exec-1"))
+    # n8n's Retry On Fail resends the same signed request: the signature is the key.
+    again = shim.client.post("/api/webhook", **kwargs)
     assert again.status_code == 200 and again.json() == first.json()
     assert events() == 1
-    # The same key with another body is a conflict, and changes nothing.
+    # An unsigned X-Idempotency-Key is not the key: a fresh one does not make a replay new.
+    forged = {"content": kwargs["content"], "headers": {**kwargs["headers"], "X-Idempotency-Key": "fresh-key"}}
+    assert shim.client.post("/api/webhook", **forged).json() == first.json()
+    assert events() == 1
+
+    # The same webhook-id (signed) with another body is a conflict, and changes nothing.
+    std = standard_signed({**body, "newTime": "12:00"}, msg_id="msg_exec_1")
+    assert shim.client.post("/api/webhook", **std).status_code == 200
     before = snapshot(db_conn)
-    other = shim.client.post("/api/webhook", **signed({**body, "newTime": "12:00"}, key="n8n-exec-1"))
+    other = shim.client.post("/api/webhook", **standard_signed({**body, "newTime": "13:00"}, msg_id="msg_exec_1"))
     assert other.status_code == 409 and other.json()["error"]["code"] == "CONFLICT"
     assert snapshot(db_conn) == before
 
