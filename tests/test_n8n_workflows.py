@@ -9,7 +9,8 @@ No n8n is needed (the real-n8n proof is scripts/e2e-n8n). What runs here:
 * the Code nodes' JavaScript, extracted from the JSON and run by ``node`` in
   a small harness that mimics n8n's Code node, agrees with listener.signing on
   shared vectors (valid, wrong, rotated, whsec_, stale, tampered…), and the
-  reply handler's signatures are accepted by ``listener.signing.verify_hex``;
+  reply handler's Standard Webhooks signatures are accepted by
+  ``listener.signing.verify_callback``;
 * every per-type WhatsApp message expression, evaluated like n8n does, gives a
   Cloud API message with the appointment, the professional and the links.
 """
@@ -33,6 +34,7 @@ from listener.signing import (
     hex_signature,
     outbound_headers,
     parse_secrets,
+    verify_callback,
     verify_hex,
     verify_standard,
 )
@@ -301,7 +303,8 @@ def test_reply_handler_shape(replies: dict[str, Any]) -> None:
     assert p["contentType"] == "raw" and p["rawContentType"] == "application/json"
     assert p["body"] == "={{ $json.body }}", "send the exact string that was signed"
     headers = {h["name"]: h["value"] for h in p["headerParameters"]["parameters"]}
-    assert headers == {"X-Webhook-Signature": "={{ $json.signature }}", "X-Idempotency-Key": "={{ $json.messageId }}"}
+    assert headers == {"webhook-id": "={{ $json.webhookId }}", "webhook-timestamp": "={{ $json.timestamp }}",
+                       "webhook-signature": "={{ $json.signature }}"}, "Standard Webhooks, the documented default"
     get = one(replies, "n8n-nodes-base.webhook", httpMethod="GET")
     assert get["parameters"]["path"] == post["parameters"]["path"]
 
@@ -594,8 +597,8 @@ def test_reply_mapping(mapped_cases: dict[str, list[dict[str, Any]]], label: str
     assert len(out) == 1
     (cb,) = out
     assert json.loads(cb["body"]) == expected
-    assert cb["messageId"] == message["id"] and cb["action"] == expected["action"]
-    assert verify_hex(parse_secrets(SECRET), cb["body"].encode("utf-8"), cb["signature"])
+    assert cb["messageId"] == cb["webhookId"] == message["id"] and cb["action"] == expected["action"]
+    assert _reply_verifies(parse_secrets(SECRET), cb)
 
 
 def test_reply_signatures_follow_rotation_and_whsec(replies: dict[str, Any], run_jobs: Any) -> None:
@@ -604,17 +607,27 @@ def test_reply_signatures_follow_rotation_and_whsec(replies: dict[str, Any], run
     msg = _button("wamid.R1", f"cancel:{APPT}", "NÃO")
     (cb,) = _map(replies, run_jobs, [_meta_item(_notification(msg))],
                  env={"BARNUM_WEBHOOK_SECRET": f"{whsec},old-secret"})
-    body = cb["body"].encode("utf-8")
-    assert verify_hex([raw_key], body, cb["signature"]), "signs with the first secret's decoded bytes"
-    assert not verify_hex([b"old-secret"], body, cb["signature"])
-    assert verify_hex(parse_secrets(f"old-secret,{whsec}"), body, cb["signature"]), "Barnum accepts any of its list"
+    assert _reply_verifies([raw_key], cb), "signs with the first secret's decoded bytes"
+    assert not _reply_verifies([b"old-secret"], cb)
+    assert _reply_verifies(parse_secrets(f"old-secret,{whsec}"), cb), "Barnum accepts any of its list"
+    # The timestamp is signed: the same signature under another timestamp fails.
+    assert not _reply_verifies([raw_key], {**cb, "timestamp": str(int(cb["timestamp"]) - 1)})
+
+
+def _reply_verifies(keys: list[bytes], cb: dict[str, Any]) -> bool:
+    """Barnum's own check of a reply-handler callback (Standard Webhooks headers)."""
+    headers = {"webhook-id": cb["webhookId"], "webhook-timestamp": cb["timestamp"], "webhook-signature": cb["signature"]}
+    verdict = verify_callback(keys, cb["body"].encode("utf-8"), headers, require_timestamp=True)
+    return verdict.ok and verdict.idempotency_key == cb["webhookId"]
 
 
 def test_reply_is_deterministic_for_redeliveries(replies: dict[str, Any], run_jobs: Any) -> None:
     doc = _notification(_button("wamid.D1", f"cancel:{APPT}", "NÃO"), _button("wamid.D2", f"confirm:{APPT}", "SIM"))
     first = _map(replies, run_jobs, [_meta_item(doc)])
     again = _map(replies, run_jobs, [_meta_item(doc)])
-    assert first == again and [c["messageId"] for c in first] == ["wamid.D1", "wamid.D2"]
+    # Same bodies and webhook-ids (Barnum's idempotency key); only the signed timestamp is fresh.
+    assert [(c["body"], c["webhookId"]) for c in first] == [(c["body"], c["webhookId"]) for c in again]
+    assert [c["webhookId"] for c in first] == ["wamid.D1", "wamid.D2"]
 
 
 def test_reply_requires_metas_signature(replies: dict[str, Any], run_jobs: Any) -> None:

@@ -294,7 +294,8 @@ def event_sender() -> dict[str, Any]:
 def reply_handler() -> dict[str, Any]:
     callback = http_request(
         "POST callback to Barnum", "rh-callback", "={{ $env.BARNUM_BASE_URL }}/api/webhook",
-        [("X-Webhook-Signature", "={{ $json.signature }}"), ("X-Idempotency-Key", "={{ $json.messageId }}")],
+        [("webhook-id", "={{ $json.webhookId }}"), ("webhook-timestamp", "={{ $json.timestamp }}"),
+         ("webhook-signature", "={{ $json.signature }}")],
         [720, 200], raw_body="={{ $json.body }}")
     nodes: list[Node] = [
         webhook("WhatsApp notification", "rh-webhook", uid("webhook-2"), REPLY_PATH,

@@ -24,12 +24,17 @@
 //    ("SIM", "2", …) carries no such id: the context.id it may quote is a
 //    WhatsApp message id that cannot be tied to an appointment without state,
 //    so plain text is NOT mapped (use the buttons or the action links).
-// 3. Signing: the JSON body is built here as a string and signed here:
-//    signature = hex HMAC-SHA256(first key of $env.BARNUM_WEBHOOK_SECRET, body).
-//    The HTTP Request node sends this exact string as the raw body, with
-//    X-Webhook-Signature and X-Idempotency-Key = the WhatsApp message id, so a
-//    notification WhatsApp delivers twice is applied once.
-// Output: one item per mappable message: { action, messageId, body, signature }.
+// 3. Signing (Standard Webhooks): the JSON body is built here as a string and
+//    signed here with the first key of $env.BARNUM_WEBHOOK_SECRET:
+//      webhookId = the WhatsApp message id (so a notification WhatsApp delivers
+//                  twice is applied once: Barnum's idempotency key),
+//      timestamp = now (unix seconds; Barnum accepts ±5 minutes, so a captured
+//                  request cannot be replayed later),
+//      signature = 'v1,' + base64 HMAC-SHA256(key, webhookId + '.' + timestamp + '.' + body).
+//    The HTTP Request node sends this exact string as the raw body with the
+//    headers webhook-id, webhook-timestamp and webhook-signature.
+// Output: one item per mappable message:
+//   { action, messageId, webhookId, timestamp, body, signature }.
 const crypto = require('crypto');
 
 const UUID = '[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}';
@@ -157,13 +162,18 @@ for (let i = 0; i < inputItems.length; i++) {
         // The exact bytes that are signed and sent (deterministic: a redelivered
         // notification yields the same body, so Barnum's idempotency replays it).
         const body = JSON.stringify(callback);
+        const webhookId = String(message.id);
+        const timestamp = String(Math.floor(Date.now() / 1000));
+        const signed = webhookId + '.' + timestamp + '.' + body;
         out.push({
           json: {
             action: callback.action,
-            messageId: String(message.id),
+            messageId: webhookId,
             from: message.from,
+            webhookId,
+            timestamp,
             body,
-            signature: crypto.createHmac('sha256', key).update(body, 'utf8').digest('hex'),
+            signature: 'v1,' + crypto.createHmac('sha256', key).update(signed, 'utf8').digest('base64'),
           },
         });
       }
