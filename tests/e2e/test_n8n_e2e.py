@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from listener.signing import hex_signature, outbound_headers, verify_hex
+from listener.signing import hex_signature, outbound_headers, verify_callback
 from tests.e2e.conftest import Stack, http, log
 from tests.e2e.fakes import SentMessage
 from tests.helpers import wait_until
@@ -149,7 +149,7 @@ def test_b_reply_no_cancels_once(stack: Stack, clinic: dict[str, str]) -> None:
 
     def callbacks() -> list[Any]:
         stack.check_alive()
-        return [c for c in stack.recorder.snapshot() if c.headers.get("x-idempotency-key") == reply["id"]]
+        return [c for c in stack.recorder.snapshot() if c.headers.get("webhook-id") == reply["id"]]
 
     started = time.monotonic()
     status, _ = http("POST", stack.inbound_url, body=body, headers=headers)
@@ -162,8 +162,9 @@ def test_b_reply_no_cancels_once(stack: Stack, clinic: dict[str, str]) -> None:
     assert first.status == 200, first.response
     sent = json.loads(first.body)
     assert sent["action"] == "cancel" and sent["appointmentId"] == appointment_id
-    assert verify_hex([stack.signing_key], first.body, first.headers.get("x-webhook-signature")), \
-        "n8n signs the exact bytes it sends, with the first secret"
+    verdict = verify_callback([stack.signing_key], first.body, first.headers, require_timestamp=True)
+    assert verdict.scheme == "standard" and verdict.idempotency_key == reply["id"], \
+        "n8n signs the exact bytes it sends, the Standard Webhooks way, with the first secret"
     (reason,) = stack.sql("SELECT cancel_reason FROM barnum.appointments WHERE id = %s", appointment_id)
     assert "NÃO" in reason[0]
 
