@@ -15,8 +15,6 @@ import asyncpg
 #: HTTP status for each Barnum SQLSTATE (SPEC §2.6).
 HTTP_STATUS = {"BN400": 400, "BN404": 404, "BN409": 409, "BN410": 410, "BN422": 422}
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
 
 @dataclass(frozen=True)
 class BarnumError:
@@ -82,6 +80,12 @@ async def create_pool(
     return pool
 
 
-def migration_versions(root: Path = REPO_ROOT) -> list[str]:
-    """Versions of the migration files on disk (``0001`` of ``0001_schema.sql``)."""
-    return sorted(p.name.split("_", 1)[0] for p in (root / "db" / "migrations").glob("*.sql"))
+def migration_versions(root: Path | None = None) -> list[str]:
+    """Versions of the migration files (``0001`` of ``0001_schema.sql``) —
+    the checkout's ``db/`` or the copy shipped in the wheel (see
+    :func:`listener.migrate.db_dir`).  Finding none raises
+    :class:`listener.migrate.MigrationError`: an empty list would make
+    ``/readyz`` call any database migrated."""
+    from listener.migrate import disk_versions
+
+    return disk_versions(root)

@@ -3,14 +3,33 @@
 Counters are process-local and moved by the relay and the shim; the queue
 gauges are refreshed from ``queue_stats()`` just before each scrape (shim)
 or on every sweep (relay).
+
+``barnum relay --processes N --metrics-port P`` uses prometheus-client's
+multiprocess mode: the supervising parent makes a private directory, passes
+it to its children as ``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client reads
+it at import, so every metric below writes to a per-process file there) and
+serves the sum over all children with :func:`multiprocess_registry`.  Hence
+each gauge's ``multiprocess_mode``: the queue gauges are one database-wide
+value, so the most recent refresh of a live process wins.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
+from prometheus_client import multiprocess
 
 from listener import queries
 
@@ -47,10 +66,12 @@ QUEUE_DEPTH = Gauge(
     "barnum_queue_deliveries",
     "Deliveries by queue state (pending, due, processing, dead_letter)",
     ["state"],
+    multiprocess_mode="livemostrecent",
 )
 OLDEST_DUE_AGE = Gauge(
     "barnum_queue_oldest_due_age_seconds",
     "Age of the oldest delivery that is due and not yet sent",
+    multiprocess_mode="livemostrecent",
 )
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -77,3 +98,29 @@ async def refresh_queue_gauges(conn: Any) -> None:
 def render() -> bytes:
     """The exposition text of every Barnum metric."""
     return generate_latest(REGISTRY)
+
+
+def multiprocess_registry(path: str) -> CollectorRegistry:
+    """A registry summing the metric files children wrote under ``path``."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+    return registry
+
+
+def mark_process_dead(pid: int, path: str) -> None:
+    """Drop a finished child's live gauges (its counters keep counting)."""
+    multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
+
+
+def serve(port: int, registry: CollectorRegistry = REGISTRY) -> Callable[[], None]:
+    """Serve ``registry`` at ``http://127.0.0.1:PORT/metrics`` from a thread
+    (loopback only, like the shim's default); returns a function stopping it.
+    Raises OSError when the port cannot be bound."""
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(5.0)
+
+    return stop

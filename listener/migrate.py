@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from importlib import resources
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,21 +109,56 @@ class MigrateReport:
 # ------------------------------------------------------------------ files
 
 
-def default_root() -> Path:
-    """The project directory holding ``db/`` (the checkout this package lives in)."""
-    here = Path(__file__).resolve().parent.parent
-    if (here / "db" / "migrations").is_dir():
-        return here
-    return Path.cwd()
+#: Where a built wheel carries ``db/migrations`` and ``db/functions``: the
+#: package data directory ``listener/_db`` (see pyproject.toml).
+PACKAGED_DB = "_db"
+
+
+def packaged_db_dir() -> Path | None:
+    """The ``db/`` copy shipped inside the installed package, if there is one."""
+    try:
+        data = resources.files("listener").joinpath(PACKAGED_DB)
+    except (ModuleNotFoundError, TypeError):  # pragma: no cover
+        return None
+    path = Path(str(data))
+    return path if (path / "migrations").is_dir() else None
+
+
+def checkout_db_dir() -> Path | None:
+    """``db/`` of the checkout this package is imported from (editable install,
+    ``python -m listener`` from the repo), if it is one."""
+    path = Path(__file__).resolve().parent.parent / "db"
+    return path if (path / "migrations").is_dir() else None
+
+
+def db_dir(root: Path | None = None) -> Path:
+    """The directory holding ``migrations/`` and ``functions/``.
+
+    ``root`` (``barnum migrate --root``): ``root/db``.  Otherwise the checkout
+    this package lives in, else the copy shipped in the wheel — never the
+    current directory, whose ``db/`` may belong to another version.  Finding
+    neither is an error, not "no migrations": ``/readyz`` would call an
+    unmigrated database ready.
+    """
+    if root is not None:
+        return root / "db"
+    found = checkout_db_dir() or packaged_db_dir()
+    if found is None:
+        raise MigrationError(
+            "cannot find db/migrations: not in a checkout and not shipped with the installed "
+            "package (reinstall barnum, or pass --root PROJECT_DIR)"
+        )
+    return found
 
 
 def _checksum(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def migration_files(root: Path) -> list[SqlFile]:
-    """``db/migrations/*.sql`` in name order; malformed or duplicate versions are errors."""
-    directory = root / "db" / "migrations"
+def migration_files(root: Path | None = None) -> list[SqlFile]:
+    """``db/migrations/*.sql`` in name order; malformed or duplicate versions
+    are errors, and so is finding none (see :func:`db_dir`)."""
+    directory = db_dir(root) / "migrations"
     if not directory.is_dir():
         raise MigrationError(f"no migrations directory at {directory}")
     files: list[SqlFile] = []
@@ -140,12 +176,14 @@ def migration_files(root: Path) -> list[SqlFile]:
             )
         seen[version] = path.name
         files.append(SqlFile("migration", version, m.group(2), path, _checksum(path)))
+    if not files:
+        raise MigrationError(f"no migration files in {directory}")
     return files
 
 
-def function_files(root: Path) -> list[SqlFile]:
+def function_files(root: Path | None = None) -> list[SqlFile]:
     """``db/functions/*.sql`` in name order (an absent directory means none)."""
-    directory = root / "db" / "functions"
+    directory = db_dir(root) / "functions"
     if not directory.is_dir():
         return []
     files: list[SqlFile] = []
@@ -158,7 +196,7 @@ def function_files(root: Path) -> list[SqlFile]:
     return files
 
 
-def disk_versions(root: Path) -> list[str]:
+def disk_versions(root: Path | None = None) -> list[str]:
     """Versions of the migration files on disk, e.g. ``["0001", "0002"]``."""
     return [f.version for f in migration_files(root)]
 
@@ -261,7 +299,6 @@ def _apply(conn: Connection, f: SqlFile, record: sql.Composed) -> None:
 
 def migrate(dsn: str, root: Path | None = None, *, progress: Progress | None = None) -> MigrateReport:
     """Apply pending migrations, then (re-)apply function files; see module doc."""
-    root = default_root() if root is None else root
     migrations = migration_files(root)
     functions = function_files(root)
     report = MigrateReport(migrations_total=len(migrations), functions_total=len(functions))
@@ -316,7 +353,6 @@ def status(dsn: str, root: Path | None = None) -> list[tuple[Kind, str, State]]:
     re-application is due); ``changed`` (an applied migration edited on disk —
     ``migrate`` will refuse); ``missing`` (recorded, but the file is gone).
     """
-    root = default_root() if root is None else root
     migrations = migration_files(root)
     functions = function_files(root)
     rows: list[tuple[Kind, str, State]] = []
@@ -346,7 +382,6 @@ def status(dsn: str, root: Path | None = None) -> list[tuple[Kind, str, State]]:
 
 def pending_versions(dsn: str, root: Path | None = None) -> list[str]:
     """Versions on disk not yet recorded as applied (empty = migrations current)."""
-    root = default_root() if root is None else root
     versions = disk_versions(root)
     with _connect(dsn) as conn:
         applied = _applied_migrations(conn)

@@ -48,8 +48,6 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import asyncpg
-from prometheus_client import start_http_server
-
 from listener import logs, metrics, queries
 from listener.config import Config, ConfigError, load
 from listener.db import barnum_error, create_pool
@@ -81,6 +79,10 @@ BUSY_POLL = 0.05
 MAX_RECORD = 1000
 #: At most this many error strings in a summary.
 MAX_SUMMARY_ERRORS = 50
+#: Hidden option of --processes children (see add_arguments).
+QUEUE_GAUGES_FLAG = "--queue-gauges"
+#: How often the --processes supervisor looks at its children (seconds).
+SUPERVISE_POLL = 0.1
 
 
 # ---------------------------------------------------------------- options
@@ -120,10 +122,8 @@ def _bounded(kind: type[int] | type[float], low: float, high: float) -> Callable
     return parse
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``barnum relay``."""
-    parser.add_argument("--once", action="store_true",
-                        help="process everything due, print a JSON summary and exit")
+def add_delivery_arguments(parser: argparse.ArgumentParser) -> None:
+    """The delivery options shared by ``barnum relay`` and ``barnum run``."""
     parser.add_argument("--concurrency", type=_bounded(int, 1, 10000), default=32,
                         help="HTTP requests in flight per process (default 32)")
     parser.add_argument("--batch", type=_bounded(int, 1, 10000), default=50,
@@ -137,10 +137,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="claim lease; a crashed relay's rows are reclaimed after it (default 60)")
     parser.add_argument("--batches-in-flight", type=_bounded(int, 1, 16), default=2, metavar="N",
                         help="window: up to N × --batch deliveries claimed and not yet recorded (default 2)")
-    parser.add_argument("--processes", type=_bounded(int, 1, 256), default=1,
-                        help="relay processes to run (one per core uses a multi-core box; default 1)")
-    parser.add_argument("--metrics-port", type=_bounded(int, 0, 65535), default=None,
+
+
+def add_metrics_port(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--metrics-port", type=_bounded(int, 1, 65535), default=None, metavar="PORT",
                         help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``barnum relay``."""
+    parser.add_argument("--once", action="store_true",
+                        help="process everything due, print a JSON summary and exit")
+    add_delivery_arguments(parser)
+    parser.add_argument("--processes", type=_bounded(int, 1, 256), default=1, metavar="N",
+                        help="relay processes to run (one per core uses a multi-core box; default 1); "
+                             "with N > 1 this process supervises N children")
+    add_metrics_port(parser)
+    # Set by the --processes supervisor on its children when it serves their
+    # metrics: refresh the queue gauges on every sweep (no port of their own).
+    parser.add_argument(QUEUE_GAUGES_FLAG, action="store_true", help=argparse.SUPPRESS)
 
 
 # ---------------------------------------------------------------- summary
@@ -598,8 +613,8 @@ class Relay:
         self._listener_lock = asyncio.Lock()
         self._grace_timer: asyncio.TimerHandle | None = None
         self.on_signal: Callable[[int], None] | None = None
-        #: Set when /metrics is served (``--metrics-port``): sweeps refresh the queue gauges.
-        self.metrics_port: int | None = None
+        #: Set when metrics are served (``--metrics-port``): sweeps refresh the queue gauges.
+        self.queue_gauges = False
         # How long a "waiting" registration lives: the sweep renews it, so a
         # crashed relay's registration lapses on its own.
         self._waiter_ttl = timedelta(seconds=max(30.0, 3 * self.options.sweep_interval))
@@ -887,7 +902,7 @@ class Relay:
             return
         try:
             ticked = await self.pool.fetchval(queries.TICK, timeout=DB_TIMEOUT)
-            if self.metrics_port is not None:
+            if self.queue_gauges:
                 await metrics.refresh_queue_gauges(self.pool)
             if ticked:
                 counts = json.loads(ticked)
@@ -911,7 +926,7 @@ def _event_loop_runner() -> asyncio.Runner:
     return asyncio.Runner(loop_factory=uvloop.new_event_loop)
 
 
-def _child_argv(args: argparse.Namespace) -> list[str]:
+def _child_argv(args: argparse.Namespace, *, queue_gauges: bool) -> list[str]:
     argv = [
         sys.executable, "-m", "listener.relay",
         "--concurrency", str(args.concurrency), "--batch", str(args.batch),
@@ -921,23 +936,40 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
     ]
     if args.once:
         argv.append("--once")
+    if queue_gauges:
+        argv.append(QUEUE_GAUGES_FLAG)
     return argv
 
 
+def _serve_metrics(command: str, port: int, registry: Any = None) -> Callable[[], None] | None:
+    """Start the metrics server; None (after one line on stderr) if the port is taken."""
+    try:
+        return metrics.serve(port) if registry is None else metrics.serve(port, registry)
+    except OSError as exc:
+        print(f"barnum {command}: cannot serve metrics on 127.0.0.1:{port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return None
+
+
 def _run_relay(config: Config, options: Options, *, once: bool,
-               on_signal: Callable[[int], None] | None = None, metrics_port: int | None = None) -> int:
+               metrics_port: int | None = None, queue_gauges: bool = False) -> int:
+    stop_metrics: Callable[[], None] | None = None
     if metrics_port is not None:
-        # prometheus_client's own server thread: loopback only, like the shim's default.
-        start_http_server(metrics_port, addr="127.0.0.1")
+        stop_metrics = _serve_metrics("relay", metrics_port)
+        if stop_metrics is None:
+            return 1
 
     async def go() -> int:
         relay = Relay(config, options)
-        relay.on_signal = on_signal
-        relay.metrics_port = metrics_port
+        relay.queue_gauges = queue_gauges or metrics_port is not None
         return await relay.run(once=once)
 
-    with _event_loop_runner() as runner:
-        return runner.run(go())
+    try:
+        with _event_loop_runner() as runner:
+            return runner.run(go())
+    finally:
+        if stop_metrics is not None:
+            stop_metrics()
 
 
 def _die_with_parent() -> None:
@@ -952,32 +984,95 @@ def _die_with_parent() -> None:
         pass
 
 
-def _run_processes(args: argparse.Namespace, config: Config, options: Options) -> int:
-    """``--processes N``: N-1 children plus this process, each a full relay."""
+def _run_processes(args: argparse.Namespace, options: Options) -> int:
+    """``--processes N``: N relay children, each a full relay; this process
+    only supervises them.
+
+    * SIGTERM/SIGINT are forwarded (the children are in their own process
+      group, so a terminal's Ctrl-C reaches them once, through us); a second
+      signal is forwarded too and abandons in-flight work, as for one relay.
+    * A child that exits on its own (not ``--once``) stops the others and the
+      exit status is 1: the service manager restarts the whole relay.
+    * ``--metrics-port``: the children write prometheus-client multiprocess
+      files to a fresh private directory, this process serves their sum and
+      removes the directory at exit (a SIGKILL leaves it in the temp dir; the
+      children get SIGTERM then, see :func:`_die_with_parent`).
+    """
+    import shutil
+    import tempfile
+
+    env = dict(os.environ)
+    multiproc_dir: str | None = None
+    stop_metrics: Callable[[], None] | None = None
+    if args.metrics_port is not None:
+        multiproc_dir = tempfile.mkdtemp(prefix="barnum-relay-metrics-")
+        env["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
+        stop_metrics = _serve_metrics("relay", args.metrics_port, metrics.multiprocess_registry(multiproc_dir))
+        if stop_metrics is None:
+            shutil.rmtree(multiproc_dir, ignore_errors=True)
+            return 1
+
     children: list[subprocess.Popen[bytes]] = []
-    for _ in range(args.processes - 1):
-        children.append(subprocess.Popen(_child_argv(args), preexec_fn=_die_with_parent))
+    finished: dict[int, int] = {}  # pid → exit status
+    stopping = False
+    code = 0
 
     def forward(signum: int) -> None:
         for child in children:
-            if child.poll() is None:
+            if child.pid not in finished and child.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
-                    child.send_signal(signum)
+                    os.kill(child.pid, signum)
 
-    code = 1
+    def on_signal(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        forward(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        code = _run_relay(config, options, once=args.once, on_signal=forward, metrics_port=args.metrics_port)
+        argv = _child_argv(args, queue_gauges=multiproc_dir is not None)
+        for _ in range(args.processes):
+            if stopping:
+                break
+            children.append(subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent, process_group=0))
+        logs.log(log, logging.INFO, "relay supervisor started", pid=os.getpid(), processes=args.processes,
+                 children=[c.pid for c in children], metrics_port=args.metrics_port,
+                 metrics_dir=multiproc_dir)
+        while len(finished) < len(children):
+            for child in children:
+                status = child.poll()
+                if status is None or child.pid in finished:
+                    continue
+                finished[child.pid] = status
+                if multiproc_dir is not None:
+                    metrics.mark_process_dead(child.pid, multiproc_dir)
+                if status != 0 and not (stopping and status in (-signal.SIGTERM, -signal.SIGINT)):
+                    code = 1
+                if not stopping and not args.once:
+                    logs.log(log, logging.ERROR, "relay process exited; stopping the others",
+                             pid=child.pid, status=status)
+                    code = 1
+                    stopping = True
+                    forward(signal.SIGTERM)
+            if len(finished) < len(children):
+                time.sleep(SUPERVISE_POLL)  # wait-ok: supervisor poll; signals interrupt it
     finally:
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+        # An exception here (not a signal): don't leave children behind.
         forward(signal.SIGTERM)
         deadline = time.monotonic() + options.grace + 15.0
         for child in children:
             try:
-                child_code = child.wait(timeout=max(0.1, deadline - time.monotonic()))
+                child.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 child.kill()
-                child_code = child.wait()
-            if child_code not in (0, -signal.SIGTERM) and code == 0:
-                code = 1
+                child.wait()
+        if stop_metrics is not None:
+            stop_metrics()
+        if multiproc_dir is not None:
+            shutil.rmtree(multiproc_dir, ignore_errors=True)
     return code
 
 
@@ -991,8 +1086,9 @@ def main(args: argparse.Namespace, config: Config) -> int:
     options = Options.from_args(args)
     logs.setup(config.log_level)
     if getattr(args, "processes", 1) > 1:
-        return _run_processes(args, config, options)
-    return _run_relay(config, options, once=args.once, metrics_port=getattr(args, "metrics_port", None))
+        return _run_processes(args, options)
+    return _run_relay(config, options, once=args.once, metrics_port=getattr(args, "metrics_port", None),
+                      queue_gauges=getattr(args, "queue_gauges", False))
 
 
 def _cli(argv: Sequence[str] | None = None) -> int:
@@ -1008,7 +1104,7 @@ def _cli(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-__all__ = ["add_arguments", "main", "run_once", "process_due", "Relay", "Deliverer", "Options",
+__all__ = ["add_arguments", "add_delivery_arguments", "add_metrics_port", "main", "run_once", "process_due", "Relay", "Deliverer", "Options",
            "Stats", "worker_name"]
 
 if __name__ == "__main__":

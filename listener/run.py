@@ -4,6 +4,12 @@ The relay owns SIGINT/SIGTERM (it stops claiming and lets in-flight work
 finish within its grace period); its stop also stops the shim.  If either
 part ends on its own (the shim cannot bind its port, the relay loses its
 database for good), the other is stopped too and the exit status says so.
+
+Options: the relay's delivery options, ``--host``/``--port`` of the shim and
+``--metrics-port`` (the shim serves ``/metrics`` too; this also serves them
+on a loopback port of their own, like ``barnum relay``).  ``--once`` and
+``--processes`` belong to ``barnum relay`` only and are refused here rather
+than ignored.
 """
 
 from __future__ import annotations
@@ -15,12 +21,33 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from listener import logs, relay, shim
+from listener import logs, metrics, relay, shim
 from listener.config import Config
 
 
+class _Refused(argparse.Action):
+    """An option ``barnum run`` does not have but a user may expect from
+    ``barnum relay``: using it is a usage error (exit 2) saying what to do."""
+
+    def __init__(self, option_strings: list[str], dest: str, *, advice: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.advice = advice
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        parser.error(f"{option_string} is not supported by `barnum run`: {self.advice}")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    relay.add_arguments(parser)
+    relay.add_delivery_arguments(parser)
+    relay.add_metrics_port(parser)
+    parser.add_argument("--once", action=_Refused, nargs=0, default=argparse.SUPPRESS,
+                        advice="use `barnum relay --once` to deliver what is due and exit",
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--processes", action=_Refused, metavar="N", default=argparse.SUPPRESS,
+                        advice="`barnum run` is one process (relay + shim); for more relay processes "
+                               "run `barnum relay --processes N` beside `barnum shim`",
+                        help=argparse.SUPPRESS)
     parser.add_argument("--host", default=None, help="shim address (default: $BARNUM_HOST or 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="shim port (default: $BARNUM_PORT or 8000)")
 
@@ -32,11 +59,14 @@ async def run_together(
     port: int,
     *,
     on_ready: Callable[[], Awaitable[None]] | None = None,
+    queue_gauges: bool = False,
 ) -> int:
-    """Serve the shim and run the relay until a signal (or one of them ends)."""
+    """Serve the shim and run the relay until a signal (or one of them ends);
+    ``queue_gauges``: the relay's sweeps refresh the queue gauges."""
     stop = asyncio.Event()
     ready = asyncio.Event()
     the_relay = relay.Relay(config, options)
+    the_relay.queue_gauges = queue_gauges
     the_relay.on_signal = lambda _signum: stop.set()
     app = shim.create_app(config)
 
@@ -74,8 +104,21 @@ def main(args: argparse.Namespace, config: Config) -> int:
     host = args.host or config.host
     port = args.port if args.port is not None else config.port
     options = relay.Options.from_args(args)
-    with event_loop_runner() as runner:
-        return runner.run(run_together(config, options, host, port))
+    metrics_port: int | None = args.metrics_port
+    stop_metrics: Callable[[], None] | None = None
+    if metrics_port is not None:
+        try:
+            stop_metrics = metrics.serve(metrics_port)
+        except OSError as exc:
+            print(f"barnum run: cannot serve metrics on 127.0.0.1:{metrics_port}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return 1
+    try:
+        with event_loop_runner() as runner:
+            return runner.run(run_together(config, options, host, port, queue_gauges=metrics_port is not None))
+    finally:
+        if stop_metrics is not None:
+            stop_metrics()
 
 
 def event_loop_runner() -> asyncio.Runner:
