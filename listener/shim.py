@@ -589,7 +589,11 @@ def create_app(config: Config, pool: Any = None, relay_pass: RelayPass | None = 
         raise ConfigError("DATABASE_URL is not set (see README: Configuration)")
     if not config.webhook_secrets:
         log.warning("WEBHOOK_SECRET is not set: every callback will be rejected (401)")
-    shim = _Shim(config=config, pool=pool, owns_pool=False, relay_pass=relay_pass)
+    try:
+        versions = migration_versions()
+    except Exception as exc:  # MigrationError: a broken install, said in one line at start
+        raise ConfigError(f"cannot find Barnum's SQL files: {exc}") from None
+    shim = _Shim(config=config, pool=pool, owns_pool=False, relay_pass=relay_pass, versions=versions)
     routes = [
         Route("/api/action", shim.action, methods=["GET", "POST"]),
         Route("/api/action/{kind:str}", _only_action_kinds(shim.action), methods=["GET", "POST"]),
