@@ -216,7 +216,7 @@ async def _serve(config: Config, dsn: str) -> int:
         shim_conf = json.loads(await conn.fetchval(queries.SHIM_CONFIG))
         demo = DemoEndpoint(config.webhook_secrets, str(shim_conf.get("locale", "pt")))
         await demo.start()
-        await conn.fetchval(queries.ENSURE_ENDPOINT, "demo", demo.url)
+        await conn.fetchval(queries.UPSERT_ENDPOINT, "demo", demo.url)
         seeded = await conn.fetchval(queries.DEMO_SEED)
     finally:
         await conn.close()

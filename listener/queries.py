@@ -43,8 +43,11 @@ TICK = "SELECT barnum.tick()::text"
 #: Queue depth by status and oldest due age, as jsonb.
 QUEUE_STATS = "SELECT barnum.queue_stats()::text"
 
-#: Make sure the endpoint named $1 exists with URL $2 (never re-enables).
+#: Make sure the endpoint named $1 (only "n8n") exists with URL $2 (never re-enables).
 ENSURE_ENDPOINT = "SELECT barnum.ensure_endpoint($1, $2)::text"
+
+#: Owner only (``barnum dev``'s demo): endpoint $1 exists with URL $2 (never re-enables).
+UPSERT_ENDPOINT = "SELECT barnum.upsert_endpoint($1, $2)::text"
 
 # --- shim ------------------------------------------------------------------
 

@@ -156,18 +156,185 @@ BEGIN
 END
 $$;
 
--- ------------------------------------------------------------ endpoints
+-- ------------------------------------------------------------ URLs
+-- The one URL parser for every address Barnum connects to (endpoints now,
+-- the register API later).  RFC 3986: the authority runs from '//' to the
+-- first '/', '?' or '#'; userinfo is the authority up to its LAST '@'.
+-- Splitting never fails on 'scheme://…'; "problem" says why the URL is not
+-- acceptable as a receiver (NULL when it is).  Stricter than RFC 3986 on
+-- purpose: whatever passes has the same host and port for yarl (aiohttp),
+-- urllib and the resolver (tests/test_urls.py), so no check can be fooled by
+-- a host the client would not connect to.
+CREATE OR REPLACE FUNCTION barnum.url_parts(p_url text) RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+    m text[];
+    scheme text; authority text; userinfo text; hostport text; host text; port_text text;
+    path text; query text; fragment text;
+    host_type text; port int; addr inet; label text; problem text;
+    dotted_quad constant text := '^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])$';
+    -- RFC 3986 pchar, '/' and '?', and braces for the {event_type} placeholder.
+    safe constant text := '^([A-Za-z0-9._~!$&''()*+,;=:@/?{}-]|%[0-9A-Fa-f]{2})*$';
+BEGIN
+    -- RFC 3986 appendix B, with the authority required.
+    m := regexp_match(p_url, '^([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)([^?#]*)(\?[^#]*)?(#.*)?$');
+    IF m IS NULL THEN
+        RETURN jsonb_build_object('problem', 'must be an http(s) URL like https://host/path');
+    END IF;
+    scheme := lower(m[1]);
+    authority := m[2];
+    path := m[3];
+    query := substr(m[4], 2);
+    fragment := substr(m[5], 2);
+    IF strpos(authority, '@') > 0 THEN
+        userinfo := substring(authority FROM '^(.*)@');   -- greedy: up to the last '@'
+        hostport := substring(authority FROM '^.*@(.*)$');
+    ELSE
+        hostport := authority;
+    END IF;
+    IF hostport LIKE '[%' THEN
+        host := substring(hostport FROM '^\[([^\]]*)\]');
+        port_text := substring(hostport FROM '^\[[^\]]*\]:(.*)$');
+        host_type := 'ipv6';
+        IF host IS NULL OR hostport !~ '^\[[^\]]*\](:.*)?$' THEN
+            problem := 'must have a valid host';
+        END IF;
+    ELSE
+        host := lower(split_part(hostport, ':', 1));
+        port_text := substring(hostport FROM '^[^:]*:(.*)$');
+    END IF;
+
+    IF problem IS NOT NULL THEN
+        NULL;
+    ELSIF scheme NOT IN ('http', 'https') THEN
+        problem := 'must be an http(s) URL';
+    ELSIF length(p_url) > 2048 THEN
+        problem := 'must be at most 2048 characters';
+    ELSIF strpos(p_url, '\') > 0 THEN
+        problem := 'must not contain a backslash';
+    ELSIF p_url ~ '[^!-~]' THEN
+        problem := 'must not contain spaces, control or non-ASCII characters';
+    ELSIF userinfo IS NOT NULL THEN
+        -- Refused outright: credentials do not belong in a URL (use the
+        -- endpoint secret), and an '@' is how hosts get smuggled past checks.
+        problem := 'must not contain a user name or password (an "@" before the host)';
+    ELSIF fragment IS NOT NULL THEN
+        problem := 'must not have a #fragment';
+    ELSIF host = '' THEN
+        problem := 'must have a host';
+    ELSIF host_type = 'ipv6' THEN
+        -- No zone ids (%25eth0) and no IPvFuture; only a plain IPv6 address.
+        IF host !~ '^[0-9A-Fa-f:.]+$' THEN
+            problem := 'must have a valid IPv6 address in [brackets]';
+        ELSE
+            BEGIN
+                addr := host::inet;
+            EXCEPTION WHEN invalid_text_representation THEN
+                addr := NULL;
+            END;
+            IF addr IS NULL OR family(addr) <> 6 THEN
+                problem := 'must have a valid IPv6 address in [brackets]';
+            ELSE
+                host := lower(host);
+            END IF;
+        END IF;
+    ELSIF host !~ '^[a-z0-9_.-]+$' THEN
+        -- Also refuses percent-encoded hosts: clients decode them differently.
+        problem := 'must have a host made of letters, digits, "-", "_" and "." (IDNs in punycode)';
+    ELSIF split_part(host, '.', -1) ~ '^([0-9]+|0x[0-9a-f]*)$' THEN
+        -- A numeric last label makes resolvers read an IPv4 number (127.1,
+        -- 2130706433, 0x7f.1, 0177.0.0.1): only a canonical dotted quad.
+        IF host !~ dotted_quad THEN
+            problem := 'must have an IPv4 address as four decimal numbers 0-255 without leading zeros';
+        ELSE
+            host_type := 'ipv4';
+        END IF;
+    ELSIF length(host) > 253 THEN
+        problem := 'must have a host name of at most 253 characters';
+    ELSE
+        host_type := 'name';
+        FOREACH label IN ARRAY string_to_array(host, '.') LOOP
+            IF label !~ '^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$' THEN
+                problem := 'must have a host name of dot-separated labels of 1-63 letters, digits, "-" or "_"';
+                EXIT;
+            END IF;
+        END LOOP;
+    END IF;
+
+    IF problem IS NULL AND port_text IS NOT NULL THEN
+        IF port_text ~ '^[0-9]{1,5}$' AND port_text::int BETWEEN 1 AND 65535 THEN
+            port := port_text::int;
+        ELSE
+            problem := 'must have a port between 1 and 65535 after the ":"';
+        END IF;
+    END IF;
+    IF problem IS NULL AND (path !~ safe OR coalesce(query, '') !~ safe) THEN
+        problem := 'must have a path and query of URL characters only (percent-encode the rest)';
+    END IF;
+    IF problem IS NULL AND replace(path || coalesce(query, ''), '{event_type}', '') ~ '[{}]' THEN
+        problem := 'must not have braces other than the {event_type} placeholder';
+    END IF;
+
+    RETURN jsonb_build_object(
+        'scheme', scheme, 'userinfo', userinfo, 'host', host, 'host_type', host_type, 'port', port,
+        'path', path, 'query', query, 'fragment', fragment,
+        'loopback', problem IS NULL AND (host = 'localhost'
+                                         OR (host_type = 'ipv4' AND host LIKE '127.%')
+                                         OR (host_type = 'ipv6' AND addr = '::1'::inet)),
+        'problem', problem);
+END
+$$;
+COMMENT ON FUNCTION barnum.url_parts(text) IS
+    'Split an http(s) URL per RFC 3986 into scheme, userinfo, host, host_type (name|ipv4|ipv6), port, path, '
+    'query, fragment, loopback; "problem" is NULL when the URL is acceptable to deliver to, else why not.';
+
+-- The URL as operators see it: a userinfo (a credential) is masked.  Rows
+-- stored before url_parts may still carry one.
+CREATE OR REPLACE FUNCTION barnum.url_display(p_url text) RETURNS text
+LANGUAGE sql IMMUTABLE
+AS $$
+    SELECT CASE WHEN u.j ->> 'userinfo' IS NULL THEN p_url
+                ELSE left(p_url, length(u.j ->> 'scheme') + 3) || '***@'
+                     || substr(p_url, length(u.j ->> 'scheme') + length(u.j ->> 'userinfo') + 5) END
+      FROM (SELECT barnum.url_parts(p_url) AS j) u
+$$;
+
 CREATE OR REPLACE FUNCTION barnum.check_endpoint_url(p_url text) RETURNS text
 LANGUAGE plpgsql IMMUTABLE
 AS $$
+DECLARE
+    problem text := barnum.url_parts(p_url) ->> 'problem';
 BEGIN
-    IF p_url IS NULL OR p_url !~ '^https?://[^[:space:]/?#]+' OR p_url ~ '[[:space:]]' THEN
-        PERFORM barnum.fail('BN422', format('endpoint URL must be an http(s) URL, got %L', p_url));
+    IF p_url IS NULL OR p_url = '' THEN
+        PERFORM barnum.fail('BN422', 'endpoint URL must be an http(s) URL, got none');
+    ELSIF problem IS NOT NULL THEN
+        PERFORM barnum.fail('BN422', format('endpoint URL %s, got %L', problem, barnum.url_display(p_url)));
     END IF;
     RETURN p_url;
 END
 $$;
 
+-- https is required for a receiver unless it is on this machine (loopback:
+-- localhost, 127.0.0.0/8, [::1]) or the operator explicitly allows plain http.
+CREATE OR REPLACE FUNCTION barnum.check_receiver_url(p_url text, p_allow_http boolean) RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+    parts jsonb;
+BEGIN
+    PERFORM barnum.check_endpoint_url(p_url);
+    parts := barnum.url_parts(p_url);
+    IF parts ->> 'scheme' = 'http' AND NOT coalesce(p_allow_http, false) AND NOT (parts -> 'loopback')::boolean THEN
+        PERFORM barnum.fail('BN422', format(
+            'plain http is only allowed for loopback receivers; use https:// or allow http explicitly (%s)',
+            parts ->> 'host'));
+    END IF;
+    RETURN p_url;
+END
+$$;
+
+-- ------------------------------------------------------------ endpoints
 CREATE OR REPLACE FUNCTION barnum.check_endpoint_name(p_name text) RETURNS text
 LANGUAGE plpgsql IMMUTABLE
 AS $$
@@ -179,17 +346,19 @@ BEGIN
 END
 $$;
 
--- Make sure an endpoint with this name exists and points at this URL.
--- Never re-enables one an operator disabled.  Returns the endpoint row.
-CREATE OR REPLACE FUNCTION barnum.ensure_endpoint(p_name text, p_url text) RETURNS jsonb
-LANGUAGE plpgsql SECURITY DEFINER
+-- Make sure an endpoint with this name exists and points at this URL, under
+-- the receiver URL rules.  Never re-enables one an operator disabled.
+-- Owner only (`barnum dev`'s demo endpoint); the relay has ensure_endpoint.
+CREATE OR REPLACE FUNCTION barnum.upsert_endpoint(p_name text, p_url text, p_allow_http boolean DEFAULT false)
+RETURNS jsonb
+LANGUAGE plpgsql
 SET search_path = barnum, pg_temp
 AS $$
 DECLARE
     ep barnum.webhook_endpoints;
 BEGIN
     PERFORM barnum.check_endpoint_name(p_name);
-    PERFORM barnum.check_endpoint_url(p_url);
+    PERFORM barnum.check_receiver_url(p_url, p_allow_http);
     INSERT INTO barnum.webhook_endpoints (name, url) VALUES (p_name, p_url)
     ON CONFLICT (name) DO UPDATE SET url = EXCLUDED.url
         WHERE webhook_endpoints.url IS DISTINCT FROM EXCLUDED.url;
@@ -198,17 +367,38 @@ BEGIN
 END
 $$;
 
+-- The relay's N8N_WEBHOOK_URL: it may only manage the endpoint named n8n
+-- (not re-point others).  https unless loopback, as for `endpoints add`;
+-- plain http to another host is kept only when it is already the stored URL
+-- (an operator added it with `barnum endpoints add n8n URL --allow-http`).
+CREATE OR REPLACE FUNCTION barnum.ensure_endpoint(p_name text, p_url text) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = barnum, pg_temp
+AS $$
+BEGIN
+    IF p_name IS DISTINCT FROM 'n8n' THEN
+        PERFORM barnum.fail('BN400', format(
+            'ensure_endpoint manages only the endpoint named n8n, got %L; add others with barnum endpoints add',
+            p_name));
+    END IF;
+    RETURN barnum.upsert_endpoint(p_name, p_url,
+        EXISTS (SELECT 1 FROM barnum.webhook_endpoints WHERE name = p_name AND url = p_url));
+END
+$$;
+
 -- An endpoint as operators see it: the secret never leaves the database
--- through this path, only whether one is set.
+-- through this path, only whether one is set.  url_ok is false for a row
+-- stored before the URL rules tightened (see url_problem): fix or remove it.
 CREATE OR REPLACE FUNCTION barnum.endpoint_json(ep barnum.webhook_endpoints) RETURNS jsonb
 LANGUAGE sql STABLE
 AS $$
     SELECT jsonb_build_object(
         'id', ep.id, 'name', ep.name,
-        -- Credentials embedded in a URL are a secret too.
-        'url', regexp_replace(ep.url, '^(https?://)[^/@]*@', '\1***@'),
+        'url', barnum.url_display(ep.url),
+        'url_ok', p.problem IS NULL, 'url_problem', p.problem,
         'has_secret', ep.secret IS NOT NULL,
         'event_types', to_jsonb(ep.event_types), 'is_active', ep.is_active,
         'max_attempts', ep.max_attempts, 'timeout_ms', ep.timeout_ms,
         'created_at', ep.created_at, 'updated_at', ep.updated_at)
+      FROM (SELECT barnum.url_parts(ep.url) ->> 'problem' AS problem) p
 $$;

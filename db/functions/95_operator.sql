@@ -2,25 +2,7 @@
 -- tools go through these functions, never through ad-hoc SQL in Python, so a
 -- DBA sees (and can change) every rule here.
 
--- https is required for a receiver unless it is on this machine (loopback)
--- or the operator explicitly allows plain http.
-CREATE OR REPLACE FUNCTION barnum.check_receiver_url(p_url text, p_allow_http boolean) RETURNS text
-LANGUAGE plpgsql IMMUTABLE
-AS $$
-DECLARE
-    host text;
-BEGIN
-    PERFORM barnum.check_endpoint_url(p_url);
-    host := lower(substring(p_url FROM '^https?://(?:[^@/]*@)?(\[[^\]]+\]|[^:/?#]+)'));
-    IF p_url ~* '^http://' AND NOT coalesce(p_allow_http, false)
-       AND host !~ '^(localhost|127\.\d+\.\d+\.\d+|\[::1\])$' THEN
-        PERFORM barnum.fail('BN422', format(
-            'plain http is only allowed for loopback receivers; use https:// or allow http explicitly (%s)', host));
-    END IF;
-    RETURN p_url;
-END
-$$;
-
+-- (check_receiver_url, the URL rules, lives with url_parts in 40_outbox.)
 CREATE OR REPLACE FUNCTION barnum.endpoint_add(
     p_name text, p_url text, p_secret text DEFAULT NULL, p_event_types text[] DEFAULT '{*}',
     p_max_attempts int DEFAULT NULL, p_timeout_ms int DEFAULT 10000, p_allow_http boolean DEFAULT false)
@@ -148,7 +130,8 @@ AS $$
               FROM (SELECT status, count(*) AS n FROM barnum.whatsapp_events GROUP BY status) s),
         'endpoints', (
             SELECT coalesce(jsonb_agg(jsonb_build_object(
-                       'name', ep.name, 'url', (barnum.endpoint_json(ep)) ->> 'url', 'is_active', ep.is_active,
+                       'name', ep.name, 'url', barnum.url_display(ep.url), 'is_active', ep.is_active,
+                       'url_ok', (barnum.url_parts(ep.url) ->> 'problem') IS NULL,
                        'attempts_last_hour', coalesce(h.total, 0),
                        'succeeded_last_hour', coalesce(h.ok, 0),
                        'success_rate_last_hour',
