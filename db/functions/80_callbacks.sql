@@ -216,9 +216,11 @@ BEGIN
 END
 $$;
 
--- Only the answer to an open no-show follow-up: the appointment must still
--- be a no-show, and its reschedule_prompt not yet answered, expired or
--- closed (a completed workflow is final).
+-- Only the answer to a no-show follow-up: the appointment must still be a
+-- no-show (not cancelled or moved since), and its reschedule_prompt not yet
+-- answered (a completed workflow is final).  A follow-up closed without an
+-- answer — delivery failed (n8n may have sent it all the same, e.g. after a
+-- timeout), skipped, expired — has no answer to protect and takes this one.
 CREATE OR REPLACE FUNCTION barnum.cb_no_show_reschedule(p_body jsonb, p_tz text) RETURNS jsonb
 LANGUAGE plpgsql
 AS $$
@@ -239,8 +241,6 @@ BEGIN
         PERFORM barnum.fail('BN409', 'this appointment has no no-show follow-up');
     ELSIF wf_status = 'completed' THEN
         PERFORM barnum.fail('BN409', 'the no-show follow-up of this appointment was already answered');
-    ELSIF wf_status NOT IN ('pending', 'sent') THEN
-        PERFORM barnum.fail('BN409', format('the no-show follow-up of this appointment is %s', wf_status));
     END IF;
     UPDATE barnum.whatsapp_workflows
        SET status = 'completed', response = 'reschedule_requested', responded_at = barnum.clock(),

@@ -2,7 +2,7 @@
 -- and n8n's callbacks obey the same rules as the patients' action links
 -- (issue 12, items 5 and 6).
 BEGIN;
-SELECT plan(70);
+SELECT plan(71);
 
 SET LOCAL barnum.clock = '2030-01-10 10:00:00+00';
 
@@ -136,15 +136,16 @@ INSERT INTO barnum.appointments (id, patient_id, starts_at) VALUES
     -- h3: a no-show later cancelled; h4: a no-show with its follow-up open
     ('85000000-0000-0000-0000-0000000000a3', '85000000-0000-0000-0000-000000000001', '2030-01-08 09:00+00'),
     ('85000000-0000-0000-0000-0000000000a4', '85000000-0000-0000-0000-000000000001', '2030-01-08 11:00+00'),
-    -- h5, h6: completed visits; h7: cancelled, next week; h8: a no-show to cancel
+    -- h5, h6: completed visits; h7: cancelled, next week; h8, h9: more no-shows
     ('85000000-0000-0000-0000-0000000000a5', '85000000-0000-0000-0000-000000000001', '2030-01-07 09:00+00'),
     ('85000000-0000-0000-0000-0000000000a6', '85000000-0000-0000-0000-000000000001', '2030-01-07 11:00+00'),
     ('85000000-0000-0000-0000-0000000000a7', '85000000-0000-0000-0000-000000000001', '2030-01-17 09:00+00'),
-    ('85000000-0000-0000-0000-0000000000a8', '85000000-0000-0000-0000-000000000001', '2030-01-06 09:00+00');
+    ('85000000-0000-0000-0000-0000000000a8', '85000000-0000-0000-0000-000000000001', '2030-01-06 09:00+00'),
+    ('85000000-0000-0000-0000-0000000000a9', '85000000-0000-0000-0000-000000000001', '2030-01-06 11:00+00');
 UPDATE barnum.appointments SET status = 'confirmed' WHERE id = '85000000-0000-0000-0000-0000000000a2';
 UPDATE barnum.appointments SET status = 'no_show'
  WHERE id IN ('85000000-0000-0000-0000-0000000000a3', '85000000-0000-0000-0000-0000000000a4',
-              '85000000-0000-0000-0000-0000000000a8');
+              '85000000-0000-0000-0000-0000000000a8', '85000000-0000-0000-0000-0000000000a9');
 UPDATE barnum.appointments SET status = 'cancelled' WHERE id = '85000000-0000-0000-0000-0000000000a3';
 UPDATE barnum.appointments SET status = 'completed'
  WHERE id IN ('85000000-0000-0000-0000-0000000000a5', '85000000-0000-0000-0000-0000000000a6');
@@ -194,6 +195,11 @@ SELECT results_eq(
        WHERE appointment_id = '85000000-0000-0000-0000-0000000000a4' AND workflow_type = 'reschedule_prompt'$$,
     $$VALUES ('completed', 'reschedule_requested', 1)$$,
     'the first answer (attempt 1) stands');
+-- h9: its follow-up's delivery failed (n8n may have sent it all the same).
+UPDATE barnum.whatsapp_workflows SET status = 'failed'
+ WHERE appointment_id = '85000000-0000-0000-0000-0000000000a9' AND workflow_type = 'reschedule_prompt';
+SELECT is((barnum.handle_callback('no_show_reschedule', '{"appointmentId": "85000000-0000-0000-0000-0000000000a9", "attempt": 1}')
+           -> 'success'), 'true'::jsonb, 'no_show_reschedule on a no-show whose follow-up was never answered (delivery failed) succeeds');
 SELECT lives_ok($$SELECT barnum.handle_callback('cancel', '{"appointmentId": "85000000-0000-0000-0000-0000000000a8"}')$$,
                 'a no-show may still be cancelled by callback (the answer "no" to its follow-up)');
 SELECT results_eq(
