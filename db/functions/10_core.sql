@@ -56,8 +56,74 @@ CREATE OR REPLACE FUNCTION barnum.setting_int(p_key text) RETURNS int
 LANGUAGE sql STABLE
 AS $$ SELECT (barnum.setting(p_key) #>> '{}')::int $$;
 
+-- Is this an http(s) base URL the links can safely start with?  NULL when
+-- yes, else why not.  Only scheme://host[:port][/path]: a user name ('@')
+-- would let a link show one host and open another, a query or fragment
+-- would swallow the /api/action?… the relay appends.
+CREATE OR REPLACE FUNCTION barnum.base_url_problem(p_url text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+    m text[];
+    host text;
+    label text;
+BEGIN
+    IF length(p_url) > 2000 THEN
+        RETURN 'is longer than 2000 characters';
+    ELSIF p_url ~ '[[:space:][:cntrl:]]' THEN
+        RETURN 'must not contain whitespace or control characters';
+    ELSIF strpos(p_url, '\') > 0 THEN
+        RETURN 'must not contain a backslash';
+    ELSIF strpos(p_url, '@') > 0 THEN
+        RETURN 'must not contain a user name or password (''@'')';
+    ELSIF strpos(p_url, '?') > 0 THEN
+        RETURN 'must not contain a query (''?'')';
+    ELSIF strpos(p_url, '#') > 0 THEN
+        RETURN 'must not contain a fragment (''#'')';
+    END IF;
+    m := regexp_match(p_url, '^https?://([^/:]+|\[[0-9A-Fa-f:.]+\])(:[0-9]*)?(/.*)?$');
+    IF m IS NULL THEN
+        RETURN 'must be http:// or https:// followed by a host';
+    END IF;
+    host := m[1];
+    IF host LIKE '[%' THEN
+        -- An IPv6 literal: let inet judge it.
+        BEGIN
+            PERFORM substr(host, 2, length(host) - 2)::inet;
+        EXCEPTION WHEN others THEN
+            RETURN format('has an invalid IPv6 address %s', host);
+        END;
+    ELSIF host ~ '^[0-9.]+$' THEN
+        IF host !~ '^([0-9]{1,3}\.){3}[0-9]{1,3}$'
+           OR EXISTS (SELECT 1 FROM unnest(string_to_array(host, '.')) o WHERE o::int > 255) THEN
+            RETURN format('has an invalid IPv4 address %s', host);
+        END IF;
+    ELSE
+        IF length(host) > 253 THEN
+            RETURN 'has a host name longer than 253 characters';
+        END IF;
+        FOREACH label IN ARRAY string_to_array(host, '.') LOOP
+            IF label !~ '^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$' THEN
+                RETURN format('has an invalid host name %s', host);
+            END IF;
+        END LOOP;
+    END IF;
+    IF m[2] IS NOT NULL AND (m[2] !~ '^:[0-9]{1,5}$' OR substr(m[2], 2)::int NOT BETWEEN 1 AND 65535) THEN
+        RETURN format('has an invalid port %s (1–65535)', substr(m[2], 2));
+    END IF;
+    IF m[3] IS NOT NULL AND m[3] !~ '^(/|[A-Za-z0-9._~-]|%[0-9A-Fa-f]{2})*$' THEN
+        RETURN 'has a path with characters other than letters, digits, - . _ ~ / and %XX escapes';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
 -- Validate a setting value before it is stored: the type each key needs, and
--- its range.  Raises BN422 with a readable message; returns the value.
+-- its range.  Raises BN422 naming the key, the bounds and the value; returns
+-- the value.  The bounds keep the system working (README "Settings"):
+-- reminder_lead "100000000 years" overflowed every tick(), retention
+-- "1 microsecond" purged every idempotency record.  Intervals are compared
+-- by extract(epoch) (a month is 30 days, a year 365.25 days).
 CREATE OR REPLACE FUNCTION barnum.validate_setting(p_key text, p_value jsonb) RETURNS jsonb
 LANGUAGE plpgsql STABLE
 AS $$
@@ -65,11 +131,19 @@ DECLARE
     t text := jsonb_typeof(p_value);
     s text := p_value #>> '{}';
     iv interval;
+    lo text;
+    hi text;
+    n numeric;
+    problem text;
 BEGIN
     CASE p_key
     WHEN 'public_base_url' THEN
-        IF t <> 'string' OR s !~ '^https?://[^[:space:]/?#]+(/[^[:space:]?#]*)?$' THEN
-            PERFORM barnum.fail('BN422', 'public_base_url must be an http(s) URL without query, e.g. "https://clinic.example"');
+        IF t <> 'string' THEN
+            PERFORM barnum.fail('BN422', format('public_base_url must be a string such as "https://clinic.example", got %s', p_value));
+        END IF;
+        problem := barnum.base_url_problem(s);
+        IF problem IS NOT NULL THEN
+            PERFORM barnum.fail('BN422', format('public_base_url %s, got %L', problem, s));
         END IF;
     WHEN 'timezone' THEN
         IF t <> 'string' OR NOT EXISTS (SELECT 1 FROM pg_timezone_names WHERE name = s) THEN
@@ -77,31 +151,56 @@ BEGIN
         END IF;
     WHEN 'locale' THEN
         IF t <> 'string' OR s NOT IN ('pt', 'en') THEN
-            PERFORM barnum.fail('BN422', 'locale must be "pt" or "en"');
+            PERFORM barnum.fail('BN422', format('locale must be "pt" or "en", got %s', p_value));
         END IF;
     WHEN 'token_ttl', 'no_show_delay', 'review_delay', 'reminder_lead', 'reactivation_after', 'retention' THEN
+        -- token_ttl: under 5 minutes no patient can use a link.  retention:
+        -- at least 7 days so idempotency records outlive any n8n retry and
+        -- dead letters stay for an operator to see; up to 100 years means
+        -- "keep everything" (bench/scale.py sets 36500 days).
+        SELECT b.lo, b.hi INTO lo, hi FROM (VALUES
+            ('token_ttl', '5 minutes', '90 days'),
+            ('no_show_delay', '0 seconds', '30 days'),
+            ('review_delay', '0 seconds', '30 days'),
+            ('reminder_lead', '1 hour', '30 days'),
+            ('reactivation_after', '1 day', '5 years'),
+            ('retention', '7 days', '100 years')) b(key, lo, hi)
+         WHERE b.key = p_key;
         IF t <> 'string' THEN
-            PERFORM barnum.fail('BN422', format('%s must be an interval string such as "2 hours"', p_key));
+            PERFORM barnum.fail('BN422', format('%s must be an interval string such as "2 hours" (between %s and %s), got %s',
+                                                p_key, lo, hi, p_value));
         END IF;
         BEGIN
             iv := s::interval;
         EXCEPTION WHEN others THEN
             PERFORM barnum.fail('BN422', format('%s: %L is not an interval (try "2 hours")', p_key, s));
         END;
-        IF iv <= interval '0' THEN
-            PERFORM barnum.fail('BN422', format('%s must be positive', p_key));
+        IF extract(epoch FROM iv) < 0 THEN
+            PERFORM barnum.fail('BN422', format('%s must %s: between %s and %s, got %L', p_key,
+                                                CASE WHEN extract(epoch FROM lo::interval) = 0 THEN 'not be negative' ELSE 'be positive' END,
+                                                lo, hi, s));
         END IF;
-    WHEN 'max_attempts' THEN
-        IF t <> 'number' OR p_value::numeric <> trunc(p_value::numeric) OR p_value::numeric NOT BETWEEN 1 AND 100 THEN
-            PERFORM barnum.fail('BN422', 'max_attempts must be an integer between 1 and 100');
+        IF extract(epoch FROM iv) NOT BETWEEN extract(epoch FROM lo::interval) AND extract(epoch FROM hi::interval) THEN
+            PERFORM barnum.fail('BN422', format('%s must be between %s and %s, got %L', p_key, lo, hi, s));
         END IF;
-    WHEN 'backoff_base_seconds', 'backoff_max_seconds' THEN
-        IF t <> 'number' OR p_value::numeric <> trunc(p_value::numeric) OR p_value::numeric NOT BETWEEN 0 AND 86400 THEN
-            PERFORM barnum.fail('BN422', format('%s must be an integer between 0 and 86400', p_key));
+    WHEN 'max_attempts', 'backoff_base_seconds', 'backoff_max_seconds' THEN
+        -- backoff_base_seconds 0 would retry a failing receiver in a tight
+        -- loop.  backoff_max_seconds below the base is allowed: the cap wins,
+        -- every wait is the cap.
+        SELECT b.lo, b.hi INTO lo, hi FROM (VALUES
+            ('max_attempts', '1', '100'),
+            ('backoff_base_seconds', '1', '3600'),
+            ('backoff_max_seconds', '1', '604800')) b(key, lo, hi)
+         WHERE b.key = p_key;
+        IF t = 'number' THEN
+            n := p_value::numeric;
+        END IF;
+        IF n IS NULL OR n <> trunc(n) OR n NOT BETWEEN lo::numeric AND hi::numeric THEN
+            PERFORM barnum.fail('BN422', format('%s must be an integer between %s and %s, got %s', p_key, lo, hi, p_value));
         END IF;
     WHEN 'one_click_actions' THEN
         IF t <> 'boolean' THEN
-            PERFORM barnum.fail('BN422', 'one_click_actions must be true or false');
+            PERFORM barnum.fail('BN422', format('one_click_actions must be true or false, got %s', p_value));
         END IF;
     ELSE
         PERFORM barnum.fail('BN404', format('unknown setting %L', p_key));

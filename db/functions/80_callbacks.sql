@@ -133,16 +133,22 @@ LANGUAGE sql IMMUTABLE
 AS $$ SELECT jsonb_build_object('success', true, 'message', p_message, 'data', p_data) $$;
 
 -- ------------------------------------------------------------ the six actions
+-- The same rules as the action links (issue 12): whether an appointment may
+-- still be confirmed, cancelled or rescheduled is action_blocked_reason's
+-- answer for both (a past appointment can be neither confirmed nor
+-- cancelled), and a workflow's first answer is final — a repeat of it is a
+-- 200 that changes nothing, a different answer a BN409.
 CREATE OR REPLACE FUNCTION barnum.cb_confirm(p_body jsonb, p_tz text) RETURNS jsonb
 LANGUAGE plpgsql
 AS $$
 DECLARE
     a barnum.appointments := barnum.cb_appointment(p_body);
     answer text := coalesce(barnum.cb_text(p_body, 'patientResponse', false), 'confirmed');
+    blocked text := barnum.action_blocked_reason('confirm', a, barnum.clock());
     wf uuid;
 BEGIN
-    IF a.status NOT IN ('scheduled', 'pre_confirmed', 'confirmed') THEN
-        PERFORM barnum.fail('BN409', format('cannot confirm a %s appointment', a.status));
+    IF blocked IS NOT NULL THEN
+        PERFORM barnum.fail('BN409', format('cannot confirm: %s', blocked));
     END IF;
     wf := barnum.complete_workflow(a.id, ARRAY['pre_confirmation', 'reminder'], answer);
     IF a.status <> 'confirmed' THEN
@@ -161,10 +167,16 @@ AS $$
 DECLARE
     a barnum.appointments := barnum.cb_appointment(p_body);
     reason text := barnum.cb_text(p_body, 'reason', false);
+    blocked text;
     wf uuid;
 BEGIN
-    IF a.status IN ('cancelled', 'completed') THEN
-        PERFORM barnum.fail('BN409', format('cannot cancel a %s appointment', a.status));
+    -- Beyond the action link's rule, a no-show may be cancelled: that is the
+    -- patient's "no" to the no-show follow-up, which only n8n carries.
+    IF a.status <> 'no_show' THEN
+        blocked := barnum.action_blocked_reason('cancel', a, barnum.clock());
+    END IF;
+    IF blocked IS NOT NULL THEN
+        PERFORM barnum.fail('BN409', format('cannot cancel: %s', blocked));
     END IF;
     wf := barnum.complete_workflow(a.id, ARRAY['pre_confirmation', 'reminder', 'reschedule_prompt'], 'cancelled');
     UPDATE barnum.appointments
@@ -183,12 +195,13 @@ DECLARE
     new_date text := barnum.cb_text(p_body, 'newDate', true, 10);
     new_time text := barnum.cb_text(p_body, 'newTime', true, 5);
     new_at timestamptz := barnum.cb_local_instant(new_date, new_time, p_tz);
+    blocked text := barnum.action_blocked_reason('reschedule', a, barnum.clock());
 BEGIN
     IF new_at <= barnum.clock() THEN
         PERFORM barnum.fail('BN422', format('%s %s is in the past', new_date, new_time));
     END IF;
-    IF a.status = 'completed' THEN
-        PERFORM barnum.fail('BN409', 'cannot reschedule a completed appointment');
+    IF blocked IS NOT NULL THEN
+        PERFORM barnum.fail('BN409', format('cannot reschedule: %s', blocked));
     END IF;
     IF new_at = a.starts_at THEN
         PERFORM barnum.fail('BN409', 'the appointment is already at that time');
@@ -203,6 +216,11 @@ BEGIN
 END
 $$;
 
+-- Only the answer to a no-show follow-up: the appointment must still be a
+-- no-show (not cancelled or moved since), and its reschedule_prompt not yet
+-- answered (a completed workflow is final).  A follow-up closed without an
+-- answer — delivery failed (n8n may have sent it all the same, e.g. after a
+-- timeout), skipped, expired — has no answer to protect and takes this one.
 CREATE OR REPLACE FUNCTION barnum.cb_no_show_reschedule(p_body jsonb, p_tz text) RETURNS jsonb
 LANGUAGE plpgsql
 AS $$
@@ -210,13 +228,19 @@ DECLARE
     a barnum.appointments := barnum.cb_appointment(p_body);
     attempt int := barnum.cb_int(p_body, 'attempt', true, 1, 100);
     wf uuid;
+    wf_status text;
     rr uuid;
 BEGIN
-    SELECT id INTO wf FROM barnum.whatsapp_workflows
+    IF a.status <> 'no_show' THEN
+        PERFORM barnum.fail('BN409', format('cannot record a no-show reschedule: the appointment is %s', a.status));
+    END IF;
+    SELECT id, status INTO wf, wf_status FROM barnum.whatsapp_workflows
      WHERE appointment_id = a.id AND workflow_type = 'reschedule_prompt'
      ORDER BY created_at DESC LIMIT 1 FOR UPDATE;
     IF wf IS NULL THEN
         PERFORM barnum.fail('BN409', 'this appointment has no no-show follow-up');
+    ELSIF wf_status = 'completed' THEN
+        PERFORM barnum.fail('BN409', 'the no-show follow-up of this appointment was already answered');
     END IF;
     UPDATE barnum.whatsapp_workflows
        SET status = 'completed', response = 'reschedule_requested', responded_at = barnum.clock(),
@@ -229,6 +253,11 @@ BEGIN
 END
 $$;
 
+-- Onto the patient's open reactivation workflow; without one, onto the
+-- result already recorded in this campaign (answered less than
+-- reactivation_after ago — tick() opens no new campaign sooner): the same
+-- result is a repeat, another a BN409.  Only past that is a new row recorded
+-- (n8n may run its own campaigns).
 CREATE OR REPLACE FUNCTION barnum.cb_reactivation(p_body jsonb) RETURNS jsonb
 LANGUAGE plpgsql
 AS $$
@@ -236,8 +265,10 @@ DECLARE
     pid uuid := barnum.cb_uuid(p_body, 'patientId');
     wtype text := barnum.cb_text(p_body, 'workflowType', true, 100);
     result text := coalesce(barnum.cb_text(p_body, 'status', false, 100), 'completed');
+    prior text;
     wf uuid;
 BEGIN
+    -- The patient row lock serialises concurrent callbacks for one patient.
     PERFORM 1 FROM barnum.patients WHERE id = pid FOR UPDATE;
     IF NOT FOUND THEN
         PERFORM barnum.fail('BN404', format('patient %s not found', pid));
@@ -245,23 +276,35 @@ BEGIN
     SELECT id INTO wf FROM barnum.whatsapp_workflows
      WHERE patient_id = pid AND workflow_type = 'reactivation' AND status IN ('pending', 'sent')
      ORDER BY created_at DESC LIMIT 1 FOR UPDATE;
-    IF wf IS NULL THEN
-        -- n8n may run its own campaign: record it all the same.
-        INSERT INTO barnum.whatsapp_workflows (workflow_type, patient_id, status, response, responded_at, metadata)
-        VALUES ('reactivation', pid, 'completed', result, barnum.clock(),
-                jsonb_build_object('workflowType', wtype, 'source', 'callback'))
-        RETURNING id INTO wf;
-    ELSE
+    IF wf IS NOT NULL THEN
         UPDATE barnum.whatsapp_workflows
            SET status = 'completed', response = result, responded_at = barnum.clock(),
                metadata = metadata || jsonb_build_object('workflowType', wtype)
          WHERE id = wf;
+        RETURN barnum.cb_ok('Reactivation recorded',
+                            jsonb_build_object('patient_id', pid, 'workflow_id', wf, 'status', result));
     END IF;
+    SELECT id, response INTO wf, prior FROM barnum.whatsapp_workflows
+     WHERE patient_id = pid AND workflow_type = 'reactivation' AND status = 'completed'
+       AND responded_at > barnum.clock() - barnum.setting_interval('reactivation_after')
+     ORDER BY responded_at DESC LIMIT 1;
+    IF wf IS NOT NULL THEN
+        IF prior IS DISTINCT FROM result THEN
+            PERFORM barnum.fail('BN409', format('a reactivation result was already recorded for this patient (%s)', prior));
+        END IF;
+        RETURN barnum.cb_ok('Reactivation was already recorded',
+                            jsonb_build_object('patient_id', pid, 'workflow_id', wf, 'status', result));
+    END IF;
+    INSERT INTO barnum.whatsapp_workflows (workflow_type, patient_id, status, response, responded_at, metadata)
+    VALUES ('reactivation', pid, 'completed', result, barnum.clock(),
+            jsonb_build_object('workflowType', wtype, 'source', 'callback'))
+    RETURNING id INTO wf;
     RETURN barnum.cb_ok('Reactivation recorded',
                         jsonb_build_object('patient_id', pid, 'workflow_id', wf, 'status', result));
 END
 $$;
 
+-- One review per visit: the first answer is final.
 CREATE OR REPLACE FUNCTION barnum.cb_review(p_body jsonb, p_tz text) RETURNS jsonb
 LANGUAGE plpgsql
 AS $$
@@ -269,18 +312,30 @@ DECLARE
     a barnum.appointments := barnum.cb_appointment(p_body);
     submitted boolean := barnum.cb_bool(p_body, 'reviewSubmitted');
     rating int := barnum.cb_int(p_body, 'rating', submitted, 1, 5);
+    answer text := CASE WHEN submitted THEN rating::text ELSE 'declined' END;
+    prior text;
     wf uuid;
 BEGIN
     IF a.status <> 'completed' THEN
         PERFORM barnum.fail('BN409', format('only a completed appointment can be reviewed (it is %s)', a.status));
     END IF;
-    wf := barnum.complete_workflow(a.id, ARRAY['review_request'],
-                                   CASE WHEN submitted THEN rating::text ELSE 'declined' END,
+    SELECT id, response INTO wf, prior FROM barnum.whatsapp_workflows
+     WHERE appointment_id = a.id AND workflow_type = 'review_request' AND status = 'completed'
+       AND response IS NOT NULL
+     ORDER BY responded_at DESC NULLS LAST LIMIT 1;
+    IF wf IS NOT NULL THEN
+        IF prior <> answer THEN
+            PERFORM barnum.fail('BN409', format('a review was already recorded for this appointment (%s)', prior));
+        END IF;
+        RETURN barnum.cb_ok('Review was already recorded',
+                            jsonb_build_object('appointment_id', a.id, 'workflow_id', wf,
+                                               'review_submitted', submitted, 'rating', rating));
+    END IF;
+    wf := barnum.complete_workflow(a.id, ARRAY['review_request'], answer,
                                    jsonb_build_object('review_submitted', submitted, 'rating', rating));
     IF wf IS NULL THEN
         INSERT INTO barnum.whatsapp_workflows (workflow_type, appointment_id, patient_id, status, response, responded_at, metadata)
-        VALUES ('review_request', a.id, a.patient_id, 'completed',
-                CASE WHEN submitted THEN rating::text ELSE 'declined' END, barnum.clock(),
+        VALUES ('review_request', a.id, a.patient_id, 'completed', answer, barnum.clock(),
                 jsonb_build_object('review_submitted', submitted, 'rating', rating, 'source', 'callback'))
         RETURNING id INTO wf;
     END IF;

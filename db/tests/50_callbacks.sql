@@ -182,8 +182,9 @@ SELECT results_eq(
        WHERE appointment_id = '50000000-0000-0000-0000-0000000000c5' AND workflow_type = 'review_request'$$,
     $$VALUES ('completed', '5', 5)$$,
     'review records the rating on the review_request workflow');
-SELECT lives_ok($$SELECT barnum.handle_callback('review', '{"appointmentId": "50000000-0000-0000-0000-0000000000c5", "reviewSubmitted": true, "rating": 1}')$$,
-                'rating 1 is accepted');
+-- (Rating 1 being accepted is in 85_hardening: the first review is final.)
+SELECT throws_ok($$SELECT barnum.handle_callback('review', '{"appointmentId": "50000000-0000-0000-0000-0000000000c5", "reviewSubmitted": true, "rating": 1}')$$,
+                 'BN409', NULL, 'a second review with another rating raises BN409');
 SELECT throws_ok($$SELECT barnum.handle_callback('review', '{"appointmentId": "50000000-0000-0000-0000-0000000000c1", "reviewSubmitted": true, "rating": 4}')$$,
                  'BN409', NULL, 'reviewing an appointment that is not completed raises BN409');
 
