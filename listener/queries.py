@@ -70,6 +70,11 @@ SHIM_CONFIG = "SELECT barnum.shim_config()::text"
 #: timeout_ms, allow_http.  Returns the endpoint as jsonb (no secret).
 ENDPOINT_ADD = "SELECT barnum.endpoint_add($1, $2, $3, $4::text[], $5, $6, $7)::text"
 
+#: The receiver URL rule alone: url, allow_http.  ``barnum endpoints add``
+#: calls it with allow_http = true after a refusal to learn whether plain
+#: http was the reason (and then names --allow-http).
+CHECK_RECEIVER_URL = "SELECT barnum.check_receiver_url($1, $2)"
+
 #: All endpoints as a jsonb array (secrets never leave the database here).
 ENDPOINT_LIST = "SELECT barnum.endpoint_list()::text"
 

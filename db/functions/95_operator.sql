@@ -1,6 +1,8 @@
 -- 95_operator: what `barnum endpoints|dlq|status|settings` call.  Operator
 -- tools go through these functions, never through ad-hoc SQL in Python, so a
--- DBA sees (and can change) every rule here.
+-- DBA sees (and can change) every rule here.  A rule about one argument
+-- names it in DETAIL ({"field": …}) so a caller can point at its own input
+-- (the CLI names its flag) without parsing the message.
 
 -- https is required for a receiver unless it is on this machine (loopback)
 -- or the operator explicitly allows plain http.
@@ -33,18 +35,15 @@ DECLARE
 BEGIN
     PERFORM barnum.check_endpoint_name(p_name);
     PERFORM barnum.check_receiver_url(p_url, p_allow_http);
-    IF p_event_types IS NULL OR cardinality(p_event_types) = 0
-       OR EXISTS (SELECT 1 FROM unnest(p_event_types) t WHERE t !~ '^[a-z_*?]+(\.[a-z_*?]+)?$') THEN
-        PERFORM barnum.fail('BN422', 'event types must be patterns like "appointment.*" or "*"');
-    END IF;
+    PERFORM barnum.check_event_patterns(p_event_types);
     IF p_max_attempts IS NOT NULL AND p_max_attempts NOT BETWEEN 1 AND 100 THEN
-        PERFORM barnum.fail('BN422', 'max attempts must be between 1 and 100');
+        PERFORM barnum.fail('BN422', 'max attempts must be between 1 and 100', '{"field": "max_attempts"}');
     END IF;
     IF p_timeout_ms IS NULL OR p_timeout_ms NOT BETWEEN 100 AND 300000 THEN
-        PERFORM barnum.fail('BN422', 'timeout must be between 100 and 300000 ms');
+        PERFORM barnum.fail('BN422', 'timeout must be between 100 and 300000 ms', '{"field": "timeout_ms"}');
     END IF;
     IF p_secret IS NOT NULL AND length(p_secret) < 16 THEN
-        PERFORM barnum.fail('BN422', 'an endpoint secret must be at least 16 characters');
+        PERFORM barnum.fail('BN422', 'an endpoint secret must be at least 16 characters', '{"field": "secret"}');
     END IF;
     IF EXISTS (SELECT 1 FROM barnum.webhook_endpoints WHERE name = p_name) THEN
         PERFORM barnum.fail('BN409', format('endpoint %L already exists', p_name));
@@ -98,7 +97,8 @@ BEGIN
      WHERE endpoint_id = ep.id AND status IN ('pending', 'processing');
     IF queued > 0 AND NOT coalesce(p_force, false) THEN
         PERFORM barnum.fail('BN409', format(
-            'endpoint %L has %s queued deliveries; disable it, or remove with force to drop them', p_name, queued));
+            'endpoint %L has %s queued deliveries; disable it, or remove with force to drop them', p_name, queued),
+            jsonb_build_object('field', 'force', 'queued', queued)::text);
     END IF;
     SELECT array_agg(DISTINCT event_id) INTO touched FROM barnum.webhook_deliveries WHERE endpoint_id = ep.id;
     DELETE FROM barnum.webhook_endpoints WHERE id = ep.id;
@@ -116,7 +116,7 @@ SET search_path = barnum, pg_temp
 AS $$
 BEGIN
     IF p_limit IS NULL OR p_limit NOT BETWEEN 1 AND 10000 THEN
-        PERFORM barnum.fail('BN422', 'limit must be between 1 and 10000');
+        PERFORM barnum.fail('BN422', 'limit must be between 1 and 10000', '{"field": "limit"}');
     END IF;
     RETURN (
         SELECT coalesce(jsonb_agg(x ORDER BY x.created_at DESC), '[]')
