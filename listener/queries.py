@@ -101,6 +101,11 @@ SETTINGS_SET = "SELECT barnum.set_setting($1, $2::jsonb)::text"
 
 # --- barnum dev ---------------------------------------------------------------
 
+#: Messages delivered in an earlier run whose patient has not answered yet,
+#: rendered again with fresh action links (jsonb array of payloads).  Old
+#: links are stored only as hashes, so "re-printing" them means new ones.
+REISSUE_AWAITING_LINKS = "SELECT barnum.reissue_awaiting_links()::text"
+
 #: Seed the demo clinic (a professional, a specialty, a patient) and one
 #: appointment in two days at 10:00 clinic time (outside the 24 h reminder window) — only into an empty database.
 #: Its INSERT fires trg_pre_confirmation like any real booking.  Returns the

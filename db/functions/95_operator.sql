@@ -168,3 +168,44 @@ AS $$
                    WHERE a.started_at > barnum.clock() - interval '1 hour'
                    GROUP BY d.endpoint_id) h ON h.endpoint_id = ep.id))
 $$;
+
+-- `barnum dev` on a restart: the messages whose links a patient could still
+-- be about to use (delivered, workflow not answered yet), rendered again as
+-- the relay would now, with freshly minted links.  The links printed before
+-- cannot be shown again (only their hashes are stored); they stay valid
+-- alongside these — both sets act on the same appointment and workflow.
+CREATE OR REPLACE FUNCTION barnum.reissue_awaiting_links() RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = barnum, pg_temp
+AS $$
+DECLARE
+    v_now timestamptz := barnum.clock();
+    v_tz text := barnum.setting_text('timezone');
+    v_ttl interval := barnum.setting_interval('token_ttl');
+    v_base text := barnum.public_base_url();
+    r record;
+    links jsonb;
+    result jsonb := '[]';
+BEGIN
+    FOR r IN
+        SELECT x.ev, x.ap FROM (
+            SELECT DISTINCT ON (w.id) e AS ev, a AS ap, a.starts_at, e.created_at
+              FROM barnum.whatsapp_workflows w
+              JOIN barnum.whatsapp_events e ON e.workflow_id = w.id AND e.status = 'sent'
+              JOIN barnum.appointments a ON a.id = w.appointment_id
+             WHERE w.status = 'sent'
+               AND cardinality(barnum.event_link_types(e.event_type)) > 0
+               AND barnum.appointment_event_stale(e.event_type, a, w, v_now) IS NULL
+             ORDER BY w.id, e.created_at DESC) x
+         ORDER BY x.starts_at, x.created_at
+    LOOP
+        SELECT jsonb_object_agg(lt, v_base || '/api/action?type=' || lt || '&token='
+                   || barnum.mint_token(lt, (r.ap).id, (r.ap).patient_id, (r.ev).workflow_id, NULL, v_now + v_ttl))
+          INTO links
+          FROM unnest(barnum.event_link_types((r.ev).event_type)) lt;
+        result := result || jsonb_build_array(
+            barnum.event_payload(r.ev, barnum.appointment_json(r.ap, v_tz), NULL, links));
+    END LOOP;
+    RETURN result;
+END
+$$;
