@@ -605,3 +605,73 @@ def test_forced_remove_does_not_strand_events(db_url: str, db_conn: Conn) -> Non
     ok(barnum("endpoints", "remove", "hook", "--force", url=db_url))
     assert deliveries_of(db_conn, event_id) == []
     assert event_status(db_conn, event_id) != "pending"
+
+
+# ------------------------------------------------------------------ production roles (README)
+
+
+def test_production_roles_as_the_readme_says() -> None:
+    """The README's production recipe, statement by statement, in a private
+    cluster (roles are cluster-wide, so the shared one cannot show a cluster
+    without them): migrating needs CREATEROLE unless a DBA created
+    barnum_relay/barnum_shim first; login roles get them with IN ROLE and
+    can call their functions, not read tables."""
+    from listener import migrate
+    from listener.pgcluster import LocalCluster, PgClusterError
+
+    try:
+        cluster = LocalCluster()
+    except PgClusterError as exc:
+        pytest.skip(f"needs local PostgreSQL server binaries: {exc}")
+    cluster.start()
+    try:
+        with psycopg.connect(cluster.admin_dsn, autocommit=True) as su:
+            for sql in [
+                # no CREATEROLE: only works once the roles exist
+                "CREATE ROLE plain_owner LOGIN PASSWORD 'pw'",
+                "CREATE DATABASE early OWNER plain_owner",
+                # the usual way: the migrating role may create roles
+                "CREATE ROLE barnum_owner LOGIN PASSWORD 'pw' CREATEROLE",
+                "CREATE DATABASE clinic OWNER barnum_owner",
+                "CREATE DATABASE later OWNER plain_owner",
+            ]:
+                su.execute(sql)
+
+        def as_user(user: str, db: str) -> str:
+            return cluster.dsn(db).replace("postgres@", f"{user}:pw@", 1)
+
+        with pytest.raises(migrate.MigrationError, match="permission denied to create role"):
+            migrate.migrate(as_user("plain_owner", "early"))
+
+        migrate.migrate(as_user("barnum_owner", "clinic"))  # creates the NOLOGIN roles
+        with psycopg.connect(as_user("barnum_owner", "clinic"), autocommit=True) as owner:
+            owner.execute("CREATE ROLE relay_login LOGIN PASSWORD 'pw' IN ROLE barnum_relay")
+            owner.execute("CREATE ROLE shim_login LOGIN PASSWORD 'pw' IN ROLE barnum_shim")
+            owner.execute("CREATE ROLE run_login LOGIN PASSWORD 'pw' IN ROLE barnum_relay, barnum_shim")
+            owner.execute("INSERT INTO barnum.patients (name, phone) VALUES ('Ana', '+351912345678')")
+        # With the roles there (as a DBA would have made them), no CREATEROLE is needed.
+        migrate.migrate(as_user("plain_owner", "later"))
+
+        with psycopg.connect(as_user("relay_login", "clinic"), autocommit=True) as relay:
+            relay.execute("SELECT * FROM barnum.claim_deliveries_text('w', 10)")
+            relay.execute("SELECT barnum.tick()")
+            relay.execute("SELECT barnum.next_due_at()")
+            relay.execute("SELECT barnum.ensure_endpoint('n8n', 'https://n8n.example/hook')")
+            relay.execute("LISTEN barnum_events")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                relay.execute("SELECT barnum.shim_config()")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                relay.execute("SELECT count(*) FROM barnum.patients")
+        with psycopg.connect(as_user("shim_login", "clinic"), autocommit=True) as shim:
+            shim.execute("SELECT barnum.shim_config()")
+            shim.execute("SELECT barnum.migrations_current(ARRAY['0001'])")
+            with pytest.raises(psycopg.Error) as info:
+                shim.execute("SELECT barnum.peek_action('no-such-token-0123456789')")
+            assert info.value.sqlstate == "BN404"  # reached the function: not a privilege error
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                shim.execute("SELECT * FROM barnum.claim_deliveries_text('w', 10)")
+        with psycopg.connect(as_user("run_login", "clinic"), autocommit=True) as both:
+            both.execute("SELECT * FROM barnum.claim_deliveries_text('w', 10)")
+            both.execute("SELECT barnum.shim_config()")
+    finally:
+        cluster.stop()
