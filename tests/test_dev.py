@@ -44,6 +44,18 @@ def wait_until(check: object, timeout: float = 30.0) -> None:
         time.sleep(0.1)  # poll interval of a deadline-bounded wait
 
 
+def relay_started(dsn: str) -> None:
+    """The relay (and with it the handling of Ctrl-C) starts just after the
+    banner; its first connection shows it is up."""
+    def connected() -> bool:
+        with psycopg.connect(dsn) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'barnum-relay'").fetchone()
+        return row is not None and row[0] > 0
+
+    wait_until(connected)
+
+
 def print_url(cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     return subprocess.run([BARNUM, "dev", "--print-url"], cwd=cwd, env=env,
@@ -180,6 +192,7 @@ def test_dev_reuses_its_data_and_reset_starts_over(project: Path) -> None:
         assert httpx.post(fresh, timeout=10).status_code == 200
         with psycopg.connect(dsn2) as conn:
             assert conn.execute("SELECT status::text FROM barnum.appointments").fetchone() == ("confirmed",)
+        relay_started(dsn2)
         assert again.interrupt() == 0
     finally:
         again.kill()
@@ -189,6 +202,7 @@ def test_dev_reuses_its_data_and_reset_starts_over(project: Path) -> None:
     try:
         third.wait_for(re.compile(r"reusing the demo data"))
         third.wait_for(re.compile(r"Ctrl-C stops everything"))
+        relay_started(dsn)
         assert third.interrupt() == 0
     finally:
         third.kill()
