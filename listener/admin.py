@@ -3,6 +3,11 @@
 Every command is one call of an SQL function (``listener.queries``); rules
 such as URL validation or setting types live in SQL.  A ``BN4xx`` error is
 printed on one line and the command exits 2 — nothing was changed.
+
+Errors name the flag to change: a rule about one argument says which in the
+error's DETAIL (``{"field": "timeout_ms"}``) and :data:`FLAGS` maps it to the
+option; input the driver cannot even send (not a UUID, beyond a 32-bit
+integer) is refused here, before any SQL runs (:class:`UsageError`).
 """
 
 from __future__ import annotations
@@ -11,19 +16,70 @@ import argparse
 import asyncio
 import json
 import sys
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
 
 from listener import queries
-from listener.db import barnum_error
+from listener.db import BarnumError, barnum_error
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_INPUT = 2
 
 Handler = Callable[[asyncpg.Connection, argparse.Namespace], Awaitable[int]]
+
+#: The option behind each SQL argument a rule names in DETAIL {"field": …}.
+FLAGS = {
+    "max_attempts": "--max-attempts",
+    "timeout_ms": "--timeout-ms",
+    "secret": "--secret",
+    "event_types": "--events",
+    "limit": "--limit",
+}
+
+INT4_MIN, INT4_MAX = -(2**31), 2**31 - 1
+
+
+class UsageError(Exception):
+    """Input refused by the command itself; the message names the flag."""
+
+
+def _event_id(value: str) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise UsageError(f"--event must be an event id (UUID, as `barnum dlq list` shows), got {value!r}") from None
+
+
+def _int4(flag: str, value: int | None) -> int | None:
+    # The SQL functions take int; beyond it the driver refuses before they run.
+    if value is not None and not INT4_MIN <= value <= INT4_MAX:
+        raise UsageError(f"{flag}: {value} is out of range")
+    return value
+
+
+def _plural(n: object, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def _explain(args: argparse.Namespace, err: BarnumError) -> str:
+    """A SQL rule's message, pointed at the flag that carries the bad value."""
+    field = err.detail.get("field")
+    if field == "force":
+        n = err.detail.get("queued")
+        return (f"endpoint {args.name!r} has {_plural(n, 'queued delivery', 'queued deliveries')}; "
+                f"pass --force to also drop {'its queued delivery' if n == 1 else f'its {n} queued deliveries'}, "
+                f"or disable it instead (barnum endpoints disable {args.name})")
+    if field == "event_types" and "pattern" in err.detail:
+        known = err.detail.get("known")
+        listed = ", ".join(str(k) for k in known) if isinstance(known, list) else "?"
+        return (f"--events: {err.detail['pattern']!r} matches no known event type "
+                f"(known: {listed}; globs such as appointment.* or * are fine)")
+    flag = FLAGS.get(str(field)) if field is not None else None
+    return f"{flag}: {err.message}" if flag else err.message
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -53,9 +109,19 @@ async def _endpoints(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
         return EXIT_OK
     if action == "add":
         types = [t.strip() for t in args.events.split(",") if t.strip()]
-        doc = json.loads(await conn.fetchval(
-            queries.ENDPOINT_ADD, args.name, args.url, args.secret, types,
-            args.max_attempts, args.timeout_ms, args.allow_http))
+        max_attempts = _int4("--max-attempts", args.max_attempts)
+        timeout_ms = _int4("--timeout-ms", args.timeout_ms)
+        try:
+            doc = json.loads(await conn.fetchval(
+                queries.ENDPOINT_ADD, args.name, args.url, args.secret, types,
+                max_attempts, timeout_ms, args.allow_http))
+        except asyncpg.PostgresError as exc:
+            err = barnum_error(exc)
+            if err is not None and not args.allow_http and await _only_http_refused(conn, args.url, err):
+                raise UsageError(
+                    f"{args.url}: plain http is only allowed to this machine (localhost, 127.0.0.1, [::1]);"
+                    " use https:// or pass --allow-http") from None
+            raise
         print(f"added endpoint {doc['name']} → {doc['url']}")
         return EXIT_OK
     if action in ("enable", "disable"):
@@ -68,6 +134,28 @@ async def _endpoints(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _only_http_refused(conn: asyncpg.Connection, url: str, err: BarnumError) -> bool:
+    """Was ``err`` the URL rule refusing plain http?  Asked of the rule itself:
+    it raises this very error without allow_http and passes with it — so the
+    message SQL gives other callers is compared, never parsed."""
+    try:
+        await conn.fetchval(queries.CHECK_RECEIVER_URL, url, False)
+        return False
+    except asyncpg.PostgresError as exc:
+        same = barnum_error(exc)
+        if same is None:
+            raise
+        if (same.code, same.message) != (err.code, err.message):
+            return False
+    try:
+        await conn.fetchval(queries.CHECK_RECEIVER_URL, url, True)
+        return True
+    except asyncpg.PostgresError as exc:
+        if barnum_error(exc) is None:
+            raise
+        return False
+
+
 def configure_endpoints(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="endpoints_action", metavar="ACTION", required=True)
     ls = sub.add_parser("list", help="list webhook endpoints")
@@ -76,7 +164,8 @@ def configure_endpoints(p: argparse.ArgumentParser) -> None:
     add.add_argument("name")
     add.add_argument("url", help="https URL ({event_type} is replaced per event); http only for loopback")
     add.add_argument("--secret", default=None, help="per-endpoint HMAC secret (default: WEBHOOK_SECRET)")
-    add.add_argument("--events", default="*", help="comma-separated glob patterns (default: *)")
+    add.add_argument("--events", default="*",
+                     help="comma-separated event types or globs: appointment.*, patient.reactivation, … (default: *)")
     add.add_argument("--max-attempts", type=int, default=None)
     add.add_argument("--timeout-ms", type=int, default=10000)
     add.add_argument("--allow-http", action="store_true", help="allow plain http to a non-loopback host")
@@ -93,15 +182,14 @@ def configure_endpoints(p: argparse.ArgumentParser) -> None:
 
 async def _dlq(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
     if args.dlq_action == "list":
-        rows = json.loads(await conn.fetchval(queries.DLQ_LIST, args.limit))
+        rows = json.loads(await conn.fetchval(queries.DLQ_LIST, _int4("--limit", args.limit)))
         _emit(rows, args.json, lambda r: _table(
             r, ["event_id", "event_type", "endpoint", "attempts", "last_http_status", "last_error", "created_at"])
             if r else "no dead letters")
         return EXIT_OK
-    if not args.all and not args.event:
-        print("barnum dlq retry: say which: --event ID or --all", file=sys.stderr)
-        return EXIT_INPUT
-    n = await conn.fetchval(queries.DLQ_RETRY, None if args.all else args.event)
+    if not args.all and args.event is None:
+        raise UsageError("say which: --event ID or --all")
+    n = await conn.fetchval(queries.DLQ_RETRY, None if args.all else _event_id(args.event))
     print(f"re-queued {n} dead deliveries")
     return EXIT_OK
 
@@ -156,9 +244,7 @@ async def _settings(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
         doc = json.loads(await conn.fetchval(queries.SETTINGS_GET))
         if args.key:
             if args.key not in doc:
-                print(f"barnum settings: unknown setting {args.key!r} (known: {', '.join(sorted(doc))})",
-                      file=sys.stderr)
-                return EXIT_INPUT
+                raise UsageError(f"unknown setting {args.key!r} (known: {', '.join(sorted(doc))})")
             print(json.dumps(doc[args.key]))
             return EXIT_OK
         width = max(len(k) for k in doc)
@@ -198,7 +284,9 @@ HANDLERS: dict[str, Handler] = {
 
 
 def run(command: str, url: str, args: argparse.Namespace) -> int:
-    """Run one operator command against ``url``; BN4xx → one line, exit 2."""
+    """Run one operator command against ``url``; bad input → one line, exit 2."""
+    action = getattr(args, f"{command}_action", None)
+    who = f"barnum {command}" + (f" {action}" if action else "")
 
     async def go() -> int:
         conn = await asyncpg.connect(url)
@@ -207,24 +295,29 @@ def run(command: str, url: str, args: argparse.Namespace) -> int:
         finally:
             await conn.close()
 
+    def say(message: object) -> None:
+        print(f"{who}: {' '.join(str(message).split())}", file=sys.stderr)
+
     try:
         return asyncio.run(go())
+    except UsageError as exc:
+        say(exc)
+        return EXIT_INPUT
     except asyncpg.PostgresError as exc:
         err = barnum_error(exc)
         if err is not None:
-            message = err.message
+            say(_explain(args, err))
         elif (getattr(exc, "sqlstate", "") or "").startswith("22"):  # data exception: bad input
-            message = f"invalid value: {getattr(exc, 'message', exc)}"
+            # A server-side message, or the driver's own (which has no
+            # .message but says which argument and why in str()).
+            say(f"invalid value: {getattr(exc, 'message', None) or exc}")
         else:
-            print(f"barnum {command}: database error: {' '.join(str(exc).split())}", file=sys.stderr)
+            say(f"database error: {exc}")
             return EXIT_FAILURE
-        print(f"barnum {command}: {message}", file=sys.stderr)
         return EXIT_INPUT
-    except (asyncpg.DataError, OverflowError, ValueError) as exc:
-        # Rejected by the driver before it reached the database (e.g. an id
-        # that is not a UUID, a number out of range): still the user's input.
-        print(f"barnum {command}: invalid value: {' '.join(str(exc).split())}", file=sys.stderr)
+    except (OverflowError, ValueError) as exc:
+        say(f"invalid value: {exc}")
         return EXIT_INPUT
     except (OSError, asyncpg.InterfaceError) as exc:
-        print(f"barnum {command}: cannot reach the database: {' '.join(str(exc).split())}", file=sys.stderr)
+        say(f"cannot reach the database: {exc}")
         return EXIT_FAILURE

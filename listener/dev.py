@@ -4,8 +4,10 @@ An embedded PostgreSQL under ``./.barnum/`` (local server binaries when
 present, else the ``pgserver`` package), migrations, a demo clinic with one
 appointment, a demo endpoint served in-process that prints each outgoing
 message as the patient would read it, and the relay + shim in one loop.
-Ctrl-C stops everything, Postgres included; the next run reuses the data.
-``--reset`` starts over.
+Ctrl-C stops everything, Postgres included; the next run reuses the data,
+PostgreSQL's port (``./.barnum/port``, so the database URL stays the same)
+and re-prints, with fresh links, the messages still awaiting an answer.
+``--reset`` starts over; ``--print-url`` prints the database URL for psql.
 """
 
 from __future__ import annotations
@@ -33,30 +35,48 @@ DB_NAME = "barnum"
 
 # What the patient reads, per event type and locale.  The real wording lives
 # in n8n's WhatsApp templates (integrations/n8n); this is the demo's preview.
+# Specialty and professional are optional on an appointment, so the texts
+# take them as phrases ({a_appt}, {appt}, {with_}) that read naturally
+# whichever are missing (see _phrases): never "consulta de  com  a".
 TEXTS: dict[str, dict[str, str]] = {
     "pt": {
-        "appointment.pre_confirmed": "Olá {first}! Tem consulta de {specialty} com {professional} a {date} às {time}. Confirma?",
-        "appointment.reminder": "Olá {first}! Lembrete: consulta de {specialty} amanhã, {date} às {time}, com {professional}.",
+        "appointment.pre_confirmed": "Olá {first}! Tem {a_appt}{with_} a {date} às {time}. Confirma?",
+        "appointment.reminder": "Olá {first}! Lembrete: {appt} amanhã, {date} às {time}{with_}.",
         "appointment.no_show": "Olá {first}, sentimos a sua falta hoje. Quer marcar outra data?",
         "appointment.completed": "Obrigado pela visita, {first}! Pode avaliar a consulta de 1 a 5?",
-        "appointment.confirmed": "Consulta confirmada: {date} às {time} com {professional}. Até lá!",
+        "appointment.confirmed": "Consulta confirmada: {date} às {time}{with_}. Até lá!",
         "appointment.cancelled": "A sua consulta de {date} às {time} foi cancelada.",
-        "appointment.rescheduled": "A sua consulta passou para {date} às {time} com {professional}. Confirma?",
+        "appointment.rescheduled": "A sua consulta passou para {date} às {time}{with_}. Confirma?",
         "appointment.reschedule_requested": "Recebemos o seu pedido de reagendamento; vamos contactá-lo.",
         "patient.reactivation": "Olá {first}! Já passou algum tempo desde a última visita. Quer marcar uma consulta?",
     },
     "en": {
-        "appointment.pre_confirmed": "Hi {first}! You have a {specialty} appointment with {professional} on {date} at {time}. Can you confirm?",
-        "appointment.reminder": "Hi {first}! Reminder: {specialty} tomorrow, {date} at {time}, with {professional}.",
+        "appointment.pre_confirmed": "Hi {first}! You have {a_appt}{with_} on {date} at {time}. Can you confirm?",
+        "appointment.reminder": "Hi {first}! Reminder: your {appt} tomorrow, {date} at {time}{with_}.",
         "appointment.no_show": "Hi {first}, we missed you today. Would you like another date?",
         "appointment.completed": "Thanks for visiting, {first}! Would you rate the appointment from 1 to 5?",
-        "appointment.confirmed": "Appointment confirmed: {date} at {time} with {professional}. See you then!",
+        "appointment.confirmed": "Appointment confirmed: {date} at {time}{with_}. See you then!",
         "appointment.cancelled": "Your appointment on {date} at {time} was cancelled.",
-        "appointment.rescheduled": "Your appointment moved to {date} at {time} with {professional}. Can you confirm?",
+        "appointment.rescheduled": "Your appointment moved to {date} at {time}{with_}. Can you confirm?",
         "appointment.reschedule_requested": "We got your request to reschedule; we will contact you.",
         "patient.reactivation": "Hi {first}! It has been a while since your last visit. Would you like to book one?",
     },
 }
+
+
+def _phrases(locale: str, specialty: str, professional: str) -> dict[str, str]:
+    """The appointment as phrases: with its specialty ("consulta de X") or
+    without ("uma consulta"), " com Dr. Y" or nothing."""
+    if locale == "en":
+        appt = f"{specialty} appointment" if specialty else "appointment"
+        article = "an" if appt[0].lower() in "aeiou" else "a"
+        return {"appt": appt, "a_appt": f"{article} {appt}",
+                "with_": f" with {professional}" if professional else ""}
+    return {"appt": f"consulta de {specialty}" if specialty else "consulta",
+            "a_appt": f"consulta de {specialty}" if specialty else "uma consulta",
+            "with_": f" com {professional}" if professional else ""}
+
+
 LINK_LABELS = {
     "pt": {"confirm": "✓ Confirmar", "cancel": "✗ Cancelar", "reschedule": "↻ Reagendar"},
     "en": {"confirm": "✓ Confirm", "cancel": "✗ Cancel", "reschedule": "↻ Reschedule"},
@@ -67,11 +87,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reset", action="store_true", help="delete ./.barnum (database included) and start over")
     parser.add_argument("--host", default=None, help="shim address (default: $BARNUM_HOST or 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="shim port (default: $BARNUM_PORT or 8000; a free one if taken)")
+    parser.add_argument("--print-url", action="store_true",
+                        help='print the demo database URL and exit: psql "$(barnum dev --print-url)"')
 
 
 def render_message(payload: dict[str, Any], locale: str) -> str:
     """One outgoing message as the patient would read it: text + action links."""
-    texts = TEXTS.get(locale, TEXTS["pt"])
+    locale = locale if locale in TEXTS else "pt"
+    texts = TEXTS[locale]
     appt = payload.get("appointment") or {}
     person = appt.get("patient") or payload.get("patient") or {}
     name = str(person.get("name") or "")
@@ -79,8 +102,9 @@ def render_message(payload: dict[str, Any], locale: str) -> str:
         "first": name.split(" ")[0] if name else "",
         "date": appt.get("date", ""),
         "time": appt.get("time", ""),
-        "professional": (appt.get("professional") or {}).get("name") or "",
-        "specialty": (appt.get("specialty") or {}).get("name") or "",
+        **_phrases(locale,
+                   str((appt.get("specialty") or {}).get("name") or "").strip(),
+                   str((appt.get("professional") or {}).get("name") or "").strip()),
     }
     event_type = str(payload.get("event_type", ""))
     text = texts.get(event_type, event_type).format(**fields)
@@ -141,6 +165,9 @@ def _port_free(host: str, port: int) -> bool:
     import socket
 
     with socket.socket() as s:
+        # As servers bind (PostgreSQL, uvicorn): a port whose last connections
+        # linger in TIME_WAIT after a stop is free, one with a listener is not.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -158,6 +185,46 @@ def _reset(project: Path) -> None:
     print("barnum dev: removed the demo database and secrets; starting over", flush=True)
 
 
+def _saved_port(base: Path) -> int | None:
+    try:
+        return int((base / "port").read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _choose_pg_port(server: LocalCluster, saved: int | None) -> None:
+    """Start on the port of the earlier runs when it is free, so the URL the
+    user keeps in psql history or a .env stays right."""
+    if saved is not None and not server.is_running and _port_free(server.host, saved):
+        server.port = saved
+
+
+def _remember(base: Path, server: LocalCluster | EmbeddedServer, saved: int | None, dsn: str) -> None:
+    """Keep the port and URL for the next run and for --print-url."""
+    base.mkdir(parents=True, exist_ok=True)
+    if isinstance(server, LocalCluster):
+        if saved is not None and server.port != saved:
+            print(f"barnum dev: PostgreSQL's port {saved} (kept in .barnum/port) is taken; "
+                  f"using {server.port} from now on — the database URL changed", flush=True)
+        (base / "port").write_text(f"{server.port}\n")
+    (base / "database_url").write_text(dsn + "\n")
+
+
+def _print_url(base: Path) -> int:
+    try:
+        dsn = (base / "database_url").read_text().strip()
+    except OSError:
+        print("barnum dev: no demo database in this directory yet; run `barnum dev` first", file=sys.stderr)
+        return 1
+    print(dsn)
+    try:
+        psycopg.connect(dsn, connect_timeout=2).close()
+    except psycopg.Error:
+        print("barnum dev: (PostgreSQL is not running now: start `barnum dev` in another terminal)",
+              file=sys.stderr)
+    return 0
+
+
 def _ensure_database(admin_dsn: str) -> None:
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
         if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DB_NAME,)).fetchone() is None:
@@ -167,6 +234,9 @@ def _ensure_database(admin_dsn: str) -> None:
 def main(args: argparse.Namespace, env_config: Config | None = None) -> int:
     project = Path.cwd()
     base = project / ".barnum"
+    if args.print_url:
+        return _print_url(base)
+    saved_port = _saved_port(base)  # kept across --reset too: same URL
     base_config = env_config or load()
     if base_config.log_level == "INFO" and "BARNUM_LOG_LEVEL" not in os.environ:
         level = "WARNING"  # keep the terminal for the messages
@@ -178,6 +248,8 @@ def main(args: argparse.Namespace, env_config: Config | None = None) -> int:
     try:
         server: LocalCluster | EmbeddedServer = dev_server(project)
         print(f"barnum dev: starting PostgreSQL ({'local binaries' if isinstance(server, LocalCluster) else 'embedded pgserver'})…", flush=True)
+        if isinstance(server, LocalCluster):
+            _choose_pg_port(server, saved_port)
         server.start()
     except PgClusterError as exc:
         print(f"barnum dev: {exc}", file=sys.stderr)
@@ -185,6 +257,7 @@ def main(args: argparse.Namespace, env_config: Config | None = None) -> int:
     try:
         _ensure_database(server.admin_dsn)
         dsn = server.dsn(DB_NAME)
+        _remember(base, server, saved_port, dsn)
         report = migrate.migrate(dsn)
         print(f"barnum dev: {report.summary()}", flush=True)
         kept = _secrets(base)
@@ -211,13 +284,20 @@ def main(args: argparse.Namespace, env_config: Config | None = None) -> int:
 
 
 async def _serve(config: Config, dsn: str) -> int:
-    conn = await asyncpg.connect(dsn)
+    # Links rendered here must point at this run's shim, like the relay's.
+    conn = await asyncpg.connect(dsn, server_settings={"barnum.public_base_url": config.public_url or ""})
     try:
         shim_conf = json.loads(await conn.fetchval(queries.SHIM_CONFIG))
-        demo = DemoEndpoint(config.webhook_secrets, str(shim_conf.get("locale", "pt")))
+        locale = str(shim_conf.get("locale", "pt"))
+        demo = DemoEndpoint(config.webhook_secrets, locale)
         await demo.start()
         await conn.fetchval(queries.UPSERT_ENDPOINT, "demo", demo.url)
         seeded = await conn.fetchval(queries.DEMO_SEED)
+        # The links printed in an earlier run are gone from the terminal, may
+        # name an earlier shim port, and cannot be shown again (only their
+        # hashes are stored): show what still awaits an answer, freshly linked.
+        awaiting: list[dict[str, Any]] = [] if seeded else json.loads(
+            await conn.fetchval(queries.REISSUE_AWAITING_LINKS))
     finally:
         await conn.close()
 
@@ -227,14 +307,19 @@ async def _serve(config: Config, dsn: str) -> int:
             "",
             "Barnum is running.",
             f"  shim (action links, callbacks): {base}   health: {base}/healthz   API: {base}/openapi.json",
-            f"  database:  psql '{dsn}'",
+            f"  database:  psql '{dsn}'   (later: psql \"$(barnum dev --print-url)\")",
             f"  demo endpoint: {demo.url} (prints each message below)",
             "  " + ("seeded a demo clinic and one appointment in two days at 10:00: its message follows"
                     if seeded else "reusing the demo data from an earlier run"),
-            "  open a ✓/✗/↻ link below in a browser; add appointments with psql to see more",
+            "  open a ✓/✗/↻ link below in a browser; add appointments with psql to see more (README: barnum dev)",
             "  Ctrl-C stops everything.",
             "",
         ]), flush=True)
+        if awaiting:
+            print(f"Still awaiting the patient's answer from an earlier run ({len(awaiting)}), with fresh links"
+                  " (the earlier links stay valid too):\n", flush=True)
+            for payload in awaiting:
+                print(render_message(payload, locale) + "\n", flush=True)
 
     options = relay.Options(sweep_interval=2.0, grace=5.0)
     try:

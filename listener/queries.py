@@ -73,6 +73,11 @@ SHIM_CONFIG = "SELECT barnum.shim_config()::text"
 #: timeout_ms, allow_http.  Returns the endpoint as jsonb (no secret).
 ENDPOINT_ADD = "SELECT barnum.endpoint_add($1, $2, $3, $4::text[], $5, $6, $7)::text"
 
+#: The receiver URL rule alone: url, allow_http.  ``barnum endpoints add``
+#: calls it with allow_http = true after a refusal to learn whether plain
+#: http was the reason (and then names --allow-http).
+CHECK_RECEIVER_URL = "SELECT barnum.check_receiver_url($1, $2)"
+
 #: All endpoints as a jsonb array (secrets never leave the database here).
 ENDPOINT_LIST = "SELECT barnum.endpoint_list()::text"
 
@@ -98,6 +103,11 @@ SETTINGS_GET = "SELECT barnum.get_settings()::text"
 SETTINGS_SET = "SELECT barnum.set_setting($1, $2::jsonb)::text"
 
 # --- barnum dev ---------------------------------------------------------------
+
+#: Messages delivered in an earlier run whose patient has not answered yet,
+#: rendered again with fresh action links (jsonb array of payloads).  Old
+#: links are stored only as hashes, so "re-printing" them means new ones.
+REISSUE_AWAITING_LINKS = "SELECT barnum.reissue_awaiting_links()::text"
 
 #: Seed the demo clinic (a professional, a specialty, a patient) and one
 #: appointment in two days at 10:00 clinic time (outside the 24 h reminder window) — only into an empty database.

@@ -252,19 +252,30 @@ def test_endpoints_add_validation(db_url: str, db_conn: Conn) -> None:
     add = ["endpoints", "add"]
     all_input_errors(db_conn, [
         # URL rules
-        ([*add, "bad", "ftp://files.example/hook"], ["barnum endpoints:", "URL"]),
-        ([*add, "bad", "ftp://files.example/hook", "--allow-http"], ["barnum endpoints:", "URL"]),
-        ([*add, "bad", "http://example.com/hook"], ["barnum endpoints:", "example.com"]),
-        ([*add, "bad", "http://127.0.0.1.evil.example/"], ["barnum endpoints:", "http"]),
-        ([*add, "bad", "http://127.0.0.1@evil.example/"], ["barnum endpoints:", "http"]),
-        ([*add, "bad", "not a url"], ["barnum endpoints:", "URL"]),
-        ([*add, "bad", ""], ["barnum endpoints:", "URL"]),
+        ([*add, "bad", "ftp://files.example/hook"], ["barnum endpoints add:", "URL"]),
+        ([*add, "bad", "ftp://files.example/hook", "--allow-http"], ["barnum endpoints add:", "URL"]),
+        # plain http elsewhere: the message names the way out, flag included
+        ([*add, "bad", "http://example.com/hook"],
+         ["barnum endpoints add:", "example.com", "use https://", "pass --allow-http"]),
+        ([*add, "bad", "http://127.0.0.1.evil.example/"], ["barnum endpoints add:", "--allow-http"]),
+        ([*add, "bad", "http://127.0.0.1@evil.example/"], ["barnum endpoints add:", "--allow-http"]),
+        # a bad name is reported as such, even with an http URL
+        ([*add, "no spaces", "http://example.com/hook"], ["barnum endpoints add:", "name"]),
+        ([*add, "bad", "not a url"], ["barnum endpoints add:", "URL"]),
+        ([*add, "bad", ""], ["barnum endpoints add:", "URL"]),
         # other fields
-        ([*add, "no spaces", "https://x.example/"], ["barnum endpoints:", "name"]),
-        ([*add, "x", "https://x.example/", "--secret", "short-secret"], ["secret"]),
-        ([*add, "x", "https://x.example/", "--events", "Not A Pattern"], ["event types"]),
-        ([*add, "x", "https://x.example/", "--max-attempts", "0"], ["max attempts"]),
-        ([*add, "x", "https://x.example/", "--timeout-ms", "5"], ["timeout"]),
+        ([*add, "no spaces", "https://x.example/"], ["barnum endpoints add:", "name"]),
+        ([*add, "x", "https://x.example/", "--secret", "short-secret"], ["--secret:", "16 characters"]),
+        ([*add, "x", "https://x.example/", "--events", "Not A Pattern"], ["--events"]),
+        ([*add, "x", "https://x.example/", "--max-attempts", "0"], ["--max-attempts:", "between 1 and 100"]),
+        ([*add, "x", "https://x.example/", "--timeout-ms", "5"], ["--timeout-ms:", "between 100 and 300000"]),
+        # event patterns must match a known event type (a typo would
+        # otherwise subscribe to nothing, silently)
+        ([*add, "x", "https://x.example/", "--events", "nonsense"],
+         ["--events:", "'nonsense'", "no known event type", "appointment.pre_confirmed", "patient.reactivation"]),
+        ([*add, "x", "https://x.example/", "--events", "appointment.*,apointment.*"],
+         ["--events:", "'apointment.*'"]),
+        ([*add, "x", "https://x.example/", "--events", "patient.no_show"], ["--events:", "'patient.no_show'"]),
     ], url=db_url)
     assert endpoint_names(db_conn) == []
 
@@ -285,7 +296,7 @@ def test_endpoints_add_validation(db_url: str, db_conn: Conn) -> None:
 
     # A name is unique; the existing endpoint is left alone.
     all_input_errors(db_conn, [
-        (["endpoints", "add", "ip", "https://other.example/"], ["barnum endpoints:", "'ip'", "exists"]),
+        (["endpoints", "add", "ip", "https://other.example/"], ["barnum endpoints add:", "'ip'", "exists"]),
     ], url=db_url)
     row = db_conn.execute("SELECT url FROM barnum.webhook_endpoints WHERE name = 'ip'").fetchone()
     assert row == ("http://127.0.0.1:9000/hook",)
@@ -311,7 +322,7 @@ def test_endpoints_enable_disable(db_url: str, db_conn: Conn) -> None:
     assert active() is True
 
     all_input_errors(db_conn, [
-        (["endpoints", action, "ghost"], ["barnum endpoints:", "ghost"])
+        (["endpoints", action, "ghost"], [f"barnum endpoints {action}:", "ghost"])
         for action in ("enable", "disable", "remove")
     ], url=db_url)
 
@@ -328,7 +339,8 @@ def test_endpoints_remove(db_url: str, db_conn: Conn) -> None:
     queued = make_event(db_conn, dead=False)
     assert deliveries_of(db_conn, queued) == [("pending", 0)]
     all_input_errors(db_conn, [
-        (["endpoints", "remove", "hook"], ["barnum endpoints:", "hook", "1 queued"]),
+        (["endpoints", "remove", "hook"],
+         ["barnum endpoints remove:", "'hook'", "1 queued delivery", "pass --force to also drop"]),
     ], url=db_url)
     assert endpoint_names(db_conn) == ["hook"]
 
@@ -374,8 +386,8 @@ def test_dlq_list(db_url: str, db_conn: Conn) -> None:
     assert len(json.loads(ok(limited_r))) == 2
 
     all_input_errors(db_conn, [
-        (["dlq", "list", "--limit", "0"], ["barnum dlq:", "limit"]),
-        (["dlq", "list", "--limit", "10001"], ["barnum dlq:", "limit"]),
+        (["dlq", "list", "--limit", "0"], ["barnum dlq list:", "--limit:", "between 1 and 10000"]),
+        (["dlq", "list", "--limit", "10001"], ["barnum dlq list:", "--limit:"]),
     ], url=db_url)
 
 
@@ -387,8 +399,8 @@ def test_dlq_retry_one_event(db_url: str, db_conn: Conn) -> None:
     # Neither --event nor --all; an event that does not exist.
     ghost = str(uuid.uuid4())
     all_input_errors(db_conn, [
-        (["dlq", "retry"], ["barnum dlq", "--event", "--all"]),
-        (["dlq", "retry", "--event", ghost], ["barnum dlq:", ghost, "not found"]),
+        (["dlq", "retry"], ["barnum dlq retry:", "--event", "--all"]),
+        (["dlq", "retry", "--event", ghost], ["barnum dlq retry:", ghost, "not found"]),
     ], url=db_url)
 
     assert ok(barnum("dlq", "retry", "--event", target, url=db_url)).strip() == "re-queued 1 dead deliveries"
@@ -470,7 +482,7 @@ def test_settings_get(db_url: str, db_conn: Conn) -> None:
     assert ok(locale).strip() == '"pt"'
     assert ok(attempts).strip() == "4"
 
-    all_input_errors(db_conn, [(["settings", "get", "nosuch"], ["barnum settings:", "nosuch"])], url=db_url)
+    all_input_errors(db_conn, [(["settings", "get", "nosuch"], ["barnum settings get:", "nosuch"])], url=db_url)
 
 
 def test_settings_set(db_url: str, db_conn: Conn) -> None:
@@ -509,7 +521,7 @@ def test_settings_set_rejects_bad_values(db_url: str, db_conn: Conn) -> None:
         ("nosuch", "1", ["nosuch"]),
     ]
     all_input_errors(db_conn, [
-        (["settings", "set", key, value], ["barnum settings:", *fragments]) for key, value, fragments in cases
+        (["settings", "set", key, value], ["barnum settings set:", *fragments]) for key, value, fragments in cases
     ], url=db_url)
     assert settings_now(db_conn) == DEFAULT_SETTINGS
 
@@ -537,21 +549,45 @@ def test_missing_database_url(db_conn: Conn) -> None:
 
 
 def test_bad_input_is_one_line_exit_2(db_url: str, db_conn: Conn) -> None:
-    # One database for all keeps this cheap.
-    cases: list[list[str]] = [
-        ["dlq", "retry", "--event", "not-a-uuid"],  # asyncpg.DataError (invalid UUID)
-        ["endpoints", "add", "x", "https://x.example/", "--timeout-ms", "99999999999"],  # DataError (int4)
-        ["dlq", "list", "--limit", "99999999999"],  # DataError (int4)
-        ["settings", "set", "max_attempts", "NaN"],  # InvalidTextRepresentationError (22P02)
+    # One database for all keeps this cheap.  Each message names the flag
+    # and the value, never "None" (the driver's own errors have no message).
+    cases: list[tuple[list[str], list[str]]] = [
+        (["dlq", "retry", "--event", "123"], ["--event must be an event id (UUID", "got '123'"]),
+        (["dlq", "retry", "--event", "not-a-uuid"], ["--event", "'not-a-uuid'"]),
+        (["endpoints", "add", "x", "https://x.example/", "--timeout-ms", "99999999999"],
+         ["--timeout-ms:", "99999999999", "out of range"]),
+        (["endpoints", "add", "x", "https://x.example/", "--max-attempts", "-99999999999"],
+         ["--max-attempts:", "out of range"]),
+        (["dlq", "list", "--limit", "99999999999"], ["--limit:", "99999999999"]),
+        (["settings", "set", "max_attempts", "NaN"], ["max_attempts"]),  # 22P02 from jsonb
     ]
-    results = barnum_all(cases, url=db_url)
+    results = barnum_all([argv for argv, _ in cases], url=db_url)
     failures = []
-    for argv, r in zip(cases, results):
+    for (argv, fragments), r in zip(cases, results):
         try:
-            input_error(r, f"barnum {argv[0]}:")
+            line = input_error(r, f"barnum {argv[0]} {argv[1]}:", *fragments)
+            assert "none" not in line.lower().split(), f"{argv}: {line!r}"
         except AssertionError as exc:
             failures.append(str(exc).splitlines()[0])
     assert not failures, "\n".join(failures)
+
+
+def test_endpoint_add_checks_event_types_in_sql(db_conn: Conn) -> None:
+    # The rule lives in SQL, so callers other than the CLI get it too; the
+    # list of known types is one function.
+    known = db_conn.execute("SELECT barnum.known_event_types()").fetchone()
+    assert known is not None and "appointment.pre_confirmed" in known[0] and "patient.reactivation" in known[0]
+    for patterns in (["nonsense"], ["appointment.*", "apointment.*"], ["*.nothing"], []):
+        with pytest.raises(psycopg.Error) as info:
+            db_conn.execute("SELECT barnum.endpoint_add('x', 'https://x.example/', NULL, %s::text[])",
+                            (patterns,))
+        assert info.value.sqlstate == "BN422"
+        assert info.value.diag.message_detail is not None
+        assert json.loads(info.value.diag.message_detail)["field"] == "event_types"
+    for patterns in (["*"], ["appointment.*"], ["patient.reactivation", "appointment.?o_show"], ["*.reminder"]):
+        db_conn.execute("SELECT barnum.endpoint_add(%s, 'https://x.example/', NULL, %s::text[])",
+                        (f"ok{len(endpoint_names(db_conn))}", patterns))
+    assert len(endpoint_names(db_conn)) == 4
 
 
 def test_unreachable_database_is_one_line() -> None:
@@ -569,3 +605,73 @@ def test_forced_remove_does_not_strand_events(db_url: str, db_conn: Conn) -> Non
     ok(barnum("endpoints", "remove", "hook", "--force", url=db_url))
     assert deliveries_of(db_conn, event_id) == []
     assert event_status(db_conn, event_id) != "pending"
+
+
+# ------------------------------------------------------------------ production roles (README)
+
+
+def test_production_roles_as_the_readme_says() -> None:
+    """The README's production recipe, statement by statement, in a private
+    cluster (roles are cluster-wide, so the shared one cannot show a cluster
+    without them): migrating needs CREATEROLE unless a DBA created
+    barnum_relay/barnum_shim first; login roles get them with IN ROLE and
+    can call their functions, not read tables."""
+    from listener import migrate
+    from listener.pgcluster import LocalCluster, PgClusterError
+
+    try:
+        cluster = LocalCluster()
+    except PgClusterError as exc:
+        pytest.skip(f"needs local PostgreSQL server binaries: {exc}")
+    cluster.start()
+    try:
+        with psycopg.connect(cluster.admin_dsn, autocommit=True) as su:
+            for sql in [
+                # no CREATEROLE: only works once the roles exist
+                "CREATE ROLE plain_owner LOGIN PASSWORD 'pw'",
+                "CREATE DATABASE early OWNER plain_owner",
+                # the usual way: the migrating role may create roles
+                "CREATE ROLE barnum_owner LOGIN PASSWORD 'pw' CREATEROLE",
+                "CREATE DATABASE clinic OWNER barnum_owner",
+                "CREATE DATABASE later OWNER plain_owner",
+            ]:
+                su.execute(sql)
+
+        def as_user(user: str, db: str) -> str:
+            return cluster.dsn(db).replace("postgres@", f"{user}:pw@", 1)
+
+        with pytest.raises(migrate.MigrationError, match="permission denied to create role"):
+            migrate.migrate(as_user("plain_owner", "early"))
+
+        migrate.migrate(as_user("barnum_owner", "clinic"))  # creates the NOLOGIN roles
+        with psycopg.connect(as_user("barnum_owner", "clinic"), autocommit=True) as owner:
+            owner.execute("CREATE ROLE relay_login LOGIN PASSWORD 'pw' IN ROLE barnum_relay")
+            owner.execute("CREATE ROLE shim_login LOGIN PASSWORD 'pw' IN ROLE barnum_shim")
+            owner.execute("CREATE ROLE run_login LOGIN PASSWORD 'pw' IN ROLE barnum_relay, barnum_shim")
+            owner.execute("INSERT INTO barnum.patients (name, phone) VALUES ('Ana', '+351912345678')")
+        # With the roles there (as a DBA would have made them), no CREATEROLE is needed.
+        migrate.migrate(as_user("plain_owner", "later"))
+
+        with psycopg.connect(as_user("relay_login", "clinic"), autocommit=True) as relay:
+            relay.execute("SELECT * FROM barnum.claim_deliveries_text('w', 10)")
+            relay.execute("SELECT barnum.tick()")
+            relay.execute("SELECT barnum.next_due_at()")
+            relay.execute("SELECT barnum.ensure_endpoint('n8n', 'https://n8n.example/hook')")
+            relay.execute("LISTEN barnum_events")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                relay.execute("SELECT barnum.shim_config()")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                relay.execute("SELECT count(*) FROM barnum.patients")
+        with psycopg.connect(as_user("shim_login", "clinic"), autocommit=True) as shim:
+            shim.execute("SELECT barnum.shim_config()")
+            shim.execute("SELECT barnum.migrations_current(ARRAY['0001'])")
+            with pytest.raises(psycopg.Error) as info:
+                shim.execute("SELECT barnum.peek_action('no-such-token-0123456789')")
+            assert info.value.sqlstate == "BN404"  # reached the function: not a privilege error
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                shim.execute("SELECT * FROM barnum.claim_deliveries_text('w', 10)")
+        with psycopg.connect(as_user("run_login", "clinic"), autocommit=True) as both:
+            both.execute("SELECT * FROM barnum.claim_deliveries_text('w', 10)")
+            both.execute("SELECT barnum.shim_config()")
+    finally:
+        cluster.stop()

@@ -1,27 +1,65 @@
 """``barnum dev`` end to end: a subprocess in a fresh directory, as a new user
 would run it — message printed with links, the confirm link works, Ctrl-C
-stops everything, the next run reuses the data, ``--reset`` starts over."""
+stops everything, the next run reuses the data (and PostgreSQL's port, and
+re-prints what still awaits an answer with fresh links), ``--reset`` starts
+over; plus the demo's message wording."""
 
 from __future__ import annotations
 
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
 import pytest
 
+from listener.dev import render_message
 from listener.pgcluster import free_port
 
 BARNUM = str(Path(sys.executable).parent / "barnum")
 CONFIRM = re.compile(r"(http://127\.0\.0\.1:\d+/api/action\?type=confirm&token=[A-Za-z0-9_-]+)")
 DSN = re.compile(r"psql '([^']+)'")
+REPRINTED = re.compile(r"Still awaiting[^\n]*\n[\s\S]*?" + CONFIRM.pattern)
+
+
+def pg_port(dsn: str) -> int:
+    m = re.search(r"@127\.0\.0\.1:(\d+)/", dsn)
+    assert m, dsn
+    return int(m.group(1))
+
+
+def wait_until(check: object, timeout: float = 30.0) -> None:
+    assert callable(check)
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met before the deadline"
+        time.sleep(0.1)  # poll interval of a deadline-bounded wait
+
+
+def relay_started(dsn: str) -> None:
+    """The relay (and with it the handling of Ctrl-C) starts just after the
+    banner; its first connection shows it is up."""
+    def connected() -> bool:
+        with psycopg.connect(dsn) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'barnum-relay'").fetchone()
+        return row is not None and row[0] > 0
+
+    wait_until(connected)
+
+
+def print_url(cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    return subprocess.run([BARNUM, "dev", "--print-url"], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=30, check=False)
 
 
 class DevProcess:
@@ -115,30 +153,110 @@ def test_dev_prints_the_message_and_its_link_confirms(project: Path) -> None:
 
 
 def test_dev_reuses_its_data_and_reset_starts_over(project: Path) -> None:
+    assert print_url(project).returncode == 1  # nothing here yet: says so
+
     first = DevProcess(project)
     try:
-        first.wait_for(CONFIRM)
+        old_link = first.wait_for(CONFIRM).group(1)
         dsn = first.wait_for(DSN).group(1)
+
+        def delivered() -> bool:
+            with psycopg.connect(dsn) as conn:
+                row = conn.execute("SELECT status FROM barnum.whatsapp_workflows").fetchone()
+            return row == ("sent",)
+
+        wait_until(delivered)
         assert first.interrupt() == 0
     finally:
         first.kill()
+    # The URL for psql, also while stopped (it stays the same across runs).
+    shown = print_url(project)
+    assert shown.returncode == 0 and shown.stdout.strip() == dsn
+    assert "not running" in shown.stderr
+    assert (project / ".barnum" / "port").read_text().strip() == str(pg_port(dsn))
 
     again = DevProcess(project)
     try:
         again.wait_for(re.compile(r"reusing the demo data"))
         dsn2 = again.wait_for(DSN).group(1)
+        assert dsn2 == dsn, "PostgreSQL's port changed between runs"
+        assert print_url(project).stdout.strip() == dsn
+        # The unanswered confirmation request is shown again, with a fresh
+        # link (the old one was minted in the first run, only its hash kept).
+        fresh = again.wait_for(REPRINTED).group(1)
+        assert fresh != old_link
+        assert f"127.0.0.1:{again.port}" in fresh
+        assert "João Silva" in again.output.split("Still awaiting", 1)[1]
         with psycopg.connect(dsn2) as conn:
             assert conn.execute("SELECT count(*) FROM barnum.appointments").fetchone() == (1,)
+        assert httpx.post(fresh, timeout=10).status_code == 200
+        with psycopg.connect(dsn2) as conn:
+            assert conn.execute("SELECT status::text FROM barnum.appointments").fetchone() == ("confirmed",)
+        relay_started(dsn2)
         assert again.interrupt() == 0
     finally:
         again.kill()
-    assert dsn.rsplit("/", 1)[1] == dsn2.rsplit("/", 1)[1]
 
-    fresh = DevProcess(project, "--reset")
+    # Answered: nothing left to re-print on the next start.
+    third = DevProcess(project)
     try:
-        fresh.wait_for(re.compile(r"starting over"))
-        fresh.wait_for(re.compile(r"seeded a demo clinic"))
-        fresh.wait_for(CONFIRM)
-        assert fresh.interrupt() == 0
+        third.wait_for(re.compile(r"reusing the demo data"))
+        third.wait_for(re.compile(r"Ctrl-C stops everything"))
+        relay_started(dsn)
+        assert third.interrupt() == 0
     finally:
-        fresh.kill()
+        third.kill()
+    assert "Still awaiting" not in third.output
+
+    # --reset starts over, on the same port when free; taken → another, said so.
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT
+        squatter.bind(("127.0.0.1", pg_port(dsn)))
+        squatter.listen()
+        fresh_run = DevProcess(project, "--reset")
+        try:
+            fresh_run.wait_for(re.compile(r"starting over"))
+            fresh_run.wait_for(re.compile(rf"port {pg_port(dsn)} \(kept in \.barnum/port\) is taken"))
+            fresh_run.wait_for(re.compile(r"seeded a demo clinic"))
+            dsn3 = fresh_run.wait_for(DSN).group(1)
+            fresh_run.wait_for(CONFIRM)
+            assert fresh_run.interrupt() == 0
+        finally:
+            fresh_run.kill()
+    assert pg_port(dsn3) != pg_port(dsn)
+    assert (project / ".barnum" / "port").read_text().strip() == str(pg_port(dsn3))
+
+
+def with_names(event_type: str, specialty: str | None, professional: str | None) -> dict[str, Any]:
+    """A payload as the relay renders it, specialty/professional possibly NULL."""
+    return {
+        "event_type": event_type,
+        "appointment": {"date": "2026-11-26", "time": "10:00",
+                        "patient": {"name": "Ana Costa", "phone": "+351911111111"},
+                        "professional": {"name": professional}, "specialty": {"name": specialty}},
+        "action_links": {"confirm": "http://127.0.0.1:8000/api/action?type=confirm&token=x"},
+    }
+
+
+@pytest.mark.parametrize(("locale", "specialty", "professional", "text"), [
+    ("pt", None, None, "Olá Ana! Tem uma consulta a 2026-11-26 às 10:00. Confirma?"),
+    ("pt", "Ortopedia", None, "Olá Ana! Tem consulta de Ortopedia a 2026-11-26 às 10:00. Confirma?"),
+    ("pt", None, "Dr. Rui", "Olá Ana! Tem uma consulta com Dr. Rui a 2026-11-26 às 10:00. Confirma?"),
+    ("pt", "Ortopedia", "Dr. Rui",
+     "Olá Ana! Tem consulta de Ortopedia com Dr. Rui a 2026-11-26 às 10:00. Confirma?"),
+    ("en", None, None, "Hi Ana! You have an appointment on 2026-11-26 at 10:00. Can you confirm?"),
+    ("en", "Dentistry", None, "Hi Ana! You have a Dentistry appointment on 2026-11-26 at 10:00. Can you confirm?"),
+    ("en", None, "Dr. Rui", "Hi Ana! You have an appointment with Dr. Rui on 2026-11-26 at 10:00. Can you confirm?"),
+])
+def test_demo_message_reads_well_without_specialty_or_professional(
+        locale: str, specialty: str | None, professional: str | None, text: str) -> None:
+    lines = render_message(with_names("appointment.pre_confirmed", specialty, professional), locale).splitlines()
+    assert lines[1].strip() == text
+
+
+@pytest.mark.parametrize("locale", ["pt", "en"])
+@pytest.mark.parametrize("event_type", ["appointment.reminder", "appointment.confirmed", "appointment.rescheduled"])
+def test_demo_messages_have_no_holes(locale: str, event_type: str) -> None:
+    text = render_message(with_names(event_type, None, None), locale).splitlines()[1]
+    assert "  " not in text.strip() and " ." not in text and " ," not in text, text
+    assert "2026-11-26" in text and "10:00" in text

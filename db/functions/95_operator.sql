@@ -1,6 +1,8 @@
 -- 95_operator: what `barnum endpoints|dlq|status|settings` call.  Operator
 -- tools go through these functions, never through ad-hoc SQL in Python, so a
--- DBA sees (and can change) every rule here.
+-- DBA sees (and can change) every rule here.  A rule about one argument
+-- names it in DETAIL ({"field": …}) so a caller can point at its own input
+-- (the CLI names its flag) without parsing the message.
 
 -- (check_receiver_url, the URL rules, lives with url_parts in 40_outbox.)
 CREATE OR REPLACE FUNCTION barnum.endpoint_add(
@@ -15,18 +17,15 @@ DECLARE
 BEGIN
     PERFORM barnum.check_endpoint_name(p_name);
     PERFORM barnum.check_receiver_url(p_url, p_allow_http);
-    IF p_event_types IS NULL OR cardinality(p_event_types) = 0
-       OR EXISTS (SELECT 1 FROM unnest(p_event_types) t WHERE t !~ '^[a-z_*?]+(\.[a-z_*?]+)?$') THEN
-        PERFORM barnum.fail('BN422', 'event types must be patterns like "appointment.*" or "*"');
-    END IF;
+    PERFORM barnum.check_event_patterns(p_event_types);
     IF p_max_attempts IS NOT NULL AND p_max_attempts NOT BETWEEN 1 AND 100 THEN
-        PERFORM barnum.fail('BN422', 'max attempts must be between 1 and 100');
+        PERFORM barnum.fail('BN422', 'max attempts must be between 1 and 100', '{"field": "max_attempts"}');
     END IF;
     IF p_timeout_ms IS NULL OR p_timeout_ms NOT BETWEEN 100 AND 300000 THEN
-        PERFORM barnum.fail('BN422', 'timeout must be between 100 and 300000 ms');
+        PERFORM barnum.fail('BN422', 'timeout must be between 100 and 300000 ms', '{"field": "timeout_ms"}');
     END IF;
     IF p_secret IS NOT NULL AND length(p_secret) < 16 THEN
-        PERFORM barnum.fail('BN422', 'an endpoint secret must be at least 16 characters');
+        PERFORM barnum.fail('BN422', 'an endpoint secret must be at least 16 characters', '{"field": "secret"}');
     END IF;
     IF EXISTS (SELECT 1 FROM barnum.webhook_endpoints WHERE name = p_name) THEN
         PERFORM barnum.fail('BN409', format('endpoint %L already exists', p_name));
@@ -80,7 +79,8 @@ BEGIN
      WHERE endpoint_id = ep.id AND status IN ('pending', 'processing');
     IF queued > 0 AND NOT coalesce(p_force, false) THEN
         PERFORM barnum.fail('BN409', format(
-            'endpoint %L has %s queued deliveries; disable it, or remove with force to drop them', p_name, queued));
+            'endpoint %L has %s queued deliveries; disable it, or remove with force to drop them', p_name, queued),
+            jsonb_build_object('field', 'force', 'queued', queued)::text);
     END IF;
     SELECT array_agg(DISTINCT event_id) INTO touched FROM barnum.webhook_deliveries WHERE endpoint_id = ep.id;
     DELETE FROM barnum.webhook_endpoints WHERE id = ep.id;
@@ -98,7 +98,7 @@ SET search_path = barnum, pg_temp
 AS $$
 BEGIN
     IF p_limit IS NULL OR p_limit NOT BETWEEN 1 AND 10000 THEN
-        PERFORM barnum.fail('BN422', 'limit must be between 1 and 10000');
+        PERFORM barnum.fail('BN422', 'limit must be between 1 and 10000', '{"field": "limit"}');
     END IF;
     RETURN (
         SELECT coalesce(jsonb_agg(x ORDER BY x.created_at DESC), '[]')
@@ -150,4 +150,45 @@ AS $$
                     JOIN barnum.webhook_deliveries d ON d.id = a.delivery_id
                    WHERE a.started_at > barnum.clock() - interval '1 hour'
                    GROUP BY d.endpoint_id) h ON h.endpoint_id = ep.id))
+$$;
+
+-- `barnum dev` on a restart: the messages whose links a patient could still
+-- be about to use (delivered, workflow not answered yet), rendered again as
+-- the relay would now, with freshly minted links.  The links printed before
+-- cannot be shown again (only their hashes are stored); they stay valid
+-- alongside these — both sets act on the same appointment and workflow.
+CREATE OR REPLACE FUNCTION barnum.reissue_awaiting_links() RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = barnum, pg_temp
+AS $$
+DECLARE
+    v_now timestamptz := barnum.clock();
+    v_tz text := barnum.setting_text('timezone');
+    v_ttl interval := barnum.setting_interval('token_ttl');
+    v_base text := barnum.public_base_url();
+    r record;
+    links jsonb;
+    result jsonb := '[]';
+BEGIN
+    FOR r IN
+        SELECT x.ev, x.ap FROM (
+            SELECT DISTINCT ON (w.id) e AS ev, a AS ap, a.starts_at, e.created_at
+              FROM barnum.whatsapp_workflows w
+              JOIN barnum.whatsapp_events e ON e.workflow_id = w.id AND e.status = 'sent'
+              JOIN barnum.appointments a ON a.id = w.appointment_id
+             WHERE w.status = 'sent'
+               AND cardinality(barnum.event_link_types(e.event_type)) > 0
+               AND barnum.appointment_event_stale(e.event_type, a, w, v_now) IS NULL
+             ORDER BY w.id, e.created_at DESC) x
+         ORDER BY x.starts_at, x.created_at
+    LOOP
+        SELECT jsonb_object_agg(lt, v_base || '/api/action?type=' || lt || '&token='
+                   || barnum.mint_token(lt, (r.ap).id, (r.ap).patient_id, (r.ev).workflow_id, NULL, v_now + v_ttl))
+          INTO links
+          FROM unnest(barnum.event_link_types((r.ev).event_type)) lt;
+        result := result || jsonb_build_array(
+            barnum.event_payload(r.ev, barnum.appointment_json(r.ap, v_tz), NULL, links));
+    END LOOP;
+    RETURN result;
+END
 $$;
