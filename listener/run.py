@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -81,6 +82,13 @@ async def run_together(
         except shim.ShimStartError as exc:
             print(f"barnum run: {exc}", file=sys.stderr)
         return 1
+    # A Ctrl-C between "ready" (the banner) and the relay installing its own
+    # handlers (which replace these) must stop both gracefully, not kill the
+    # process (exit 130).
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, the_relay.request_stop, int(sig))
     if on_ready is not None:
         await on_ready()
 
