@@ -258,7 +258,8 @@ def test_endpoints_add_validation(db_url: str, db_conn: Conn) -> None:
         ([*add, "bad", "http://example.com/hook"],
          ["barnum endpoints add:", "example.com", "use https://", "pass --allow-http"]),
         ([*add, "bad", "http://127.0.0.1.evil.example/"], ["barnum endpoints add:", "--allow-http"]),
-        ([*add, "bad", "http://127.0.0.1@evil.example/"], ["barnum endpoints add:", "--allow-http"]),
+        # a userinfo is refused whatever --allow-http says: it hides the real host
+        ([*add, "bad", "http://127.0.0.1@evil.example/"], ["barnum endpoints add:", "user name or password"]),
         # a bad name is reported as such, even with an http URL
         ([*add, "no spaces", "http://example.com/hook"], ["barnum endpoints add:", "name"]),
         ([*add, "bad", "not a url"], ["barnum endpoints add:", "URL"]),

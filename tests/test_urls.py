@@ -223,14 +223,14 @@ def test_generated_urls_accepted_by_sql_agree_with_yarl_and_urllib(db_conn: Conn
 def test_cli_refuses_the_attacks_and_lists_the_real_host(db_url: str, db_conn: Conn) -> None:
     add = ["endpoints", "add"]
     lines = all_input_errors(db_conn, [
-        ([*add, "a1", "http://192.0.2.2:18735?@127.0.0.1/"], ["barnum endpoints:", "loopback", "192.0.2.2"]),
-        ([*add, "a2", "http://evil#@localhost/"], ["barnum endpoints:", "fragment"]),
-        ([*add, "a3", "http://evil#@localhost/", "--allow-http"], ["barnum endpoints:", "fragment"]),
-        ([*add, "a4", "http://a@b@127.0.0.1/", "--allow-http"], ["barnum endpoints:", "user name or password"]),
-        ([*add, "a5", "http://127.0.0.1:80@evil/"], ["barnum endpoints:", "user name or password"]),
-        ([*add, "a6", "http://127.0.0.1\\@evil/"], ["barnum endpoints:", "backslash"]),
-        ([*add, "a7", "https://user:hunter2@hooks.example/"], ["barnum endpoints:", "https://***@hooks.example/"]),
-        ([*add, "a8", "http://localhost:65536/"], ["barnum endpoints:", "port"]),
+        ([*add, "a1", "http://192.0.2.2:18735?@127.0.0.1/"], ["barnum endpoints add:", "192.0.2.2", "--allow-http"]),
+        ([*add, "a2", "http://evil#@localhost/"], ["barnum endpoints add:", "fragment"]),
+        ([*add, "a3", "http://evil#@localhost/", "--allow-http"], ["barnum endpoints add:", "fragment"]),
+        ([*add, "a4", "http://a@b@127.0.0.1/", "--allow-http"], ["barnum endpoints add:", "user name or password"]),
+        ([*add, "a5", "http://127.0.0.1:80@evil/"], ["barnum endpoints add:", "user name or password"]),
+        ([*add, "a6", "http://127.0.0.1\\@evil/"], ["barnum endpoints add:", "backslash"]),
+        ([*add, "a7", "https://user:hunter2@hooks.example/"], ["barnum endpoints add:", "https://***@hooks.example/"]),
+        ([*add, "a8", "http://localhost:65536/"], ["barnum endpoints add:", "port"]),
     ], url=db_url)
     assert not any("hunter2" in line for line in lines)
 
