@@ -153,7 +153,8 @@ BEGIN
         IF t <> 'string' OR s NOT IN ('pt', 'en') THEN
             PERFORM barnum.fail('BN422', format('locale must be "pt" or "en", got %s', p_value));
         END IF;
-    WHEN 'token_ttl', 'no_show_delay', 'review_delay', 'reminder_lead', 'reactivation_after', 'retention' THEN
+    WHEN 'token_ttl', 'no_show_delay', 'review_delay', 'reminder_lead', 'reactivation_after', 'retention',
+         'endpoint_disable_after' THEN
         -- token_ttl: under 5 minutes no patient can use a link.  retention:
         -- at least 7 days so idempotency records outlive any n8n retry and
         -- dead letters stay for an operator to see; up to 100 years means
@@ -164,7 +165,8 @@ BEGIN
             ('review_delay', '0 seconds', '30 days'),
             ('reminder_lead', '1 hour', '30 days'),
             ('reactivation_after', '1 day', '5 years'),
-            ('retention', '7 days', '100 years')) b(key, lo, hi)
+            ('retention', '7 days', '100 years'),
+            ('endpoint_disable_after', '1 hour', '90 days')) b(key, lo, hi)
          WHERE b.key = p_key;
         IF t <> 'string' THEN
             PERFORM barnum.fail('BN422', format('%s must be an interval string such as "2 hours" (between %s and %s), got %s',
@@ -183,14 +185,15 @@ BEGIN
         IF extract(epoch FROM iv) NOT BETWEEN extract(epoch FROM lo::interval) AND extract(epoch FROM hi::interval) THEN
             PERFORM barnum.fail('BN422', format('%s must be between %s and %s, got %L', p_key, lo, hi, s));
         END IF;
-    WHEN 'max_attempts', 'backoff_base_seconds', 'backoff_max_seconds' THEN
+    WHEN 'max_attempts', 'backoff_base_seconds', 'backoff_max_seconds', 'endpoint_failure_threshold' THEN
         -- backoff_base_seconds 0 would retry a failing receiver in a tight
         -- loop.  backoff_max_seconds below the base is allowed: the cap wins,
         -- every wait is the cap.
         SELECT b.lo, b.hi INTO lo, hi FROM (VALUES
             ('max_attempts', '1', '100'),
             ('backoff_base_seconds', '1', '3600'),
-            ('backoff_max_seconds', '1', '604800')) b(key, lo, hi)
+            ('backoff_max_seconds', '1', '604800'),
+            ('endpoint_failure_threshold', '1', '10000')) b(key, lo, hi)
          WHERE b.key = p_key;
         IF t = 'number' THEN
             n := p_value::numeric;

@@ -14,7 +14,8 @@ AS $$
         'appointment.cancelled',
         'appointment.rescheduled',
         'appointment.reschedule_requested',
-        'patient.reactivation'
+        'patient.reactivation',
+        'endpoint.disabled'
     ]
 $$;
 

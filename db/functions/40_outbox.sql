@@ -56,8 +56,8 @@ CREATE OR REPLACE FUNCTION barnum.wake_relays() RETURNS void
 LANGUAGE sql
 AS $$ SELECT pg_notify('barnum_events', '') $$;
 
--- Fan-out, per inserted event: one delivery per active endpoint whose
--- patterns match; an event nobody wants is 'skipped' at once and its
+-- Fan-out, per inserted event: one delivery per active endpoint of the
+-- event's account whose patterns match; an event nobody wants is 'skipped' at once and its
 -- workflow closed, so the open workflow does not block the next one (e.g. a
 -- reactivation).  A row trigger, so that events a DBA inserts by hand fan
 -- out exactly like Barnum's own.
@@ -84,7 +84,8 @@ BEGIN
     INSERT INTO barnum.webhook_deliveries (event_id, endpoint_id, next_attempt_at)
     SELECT NEW.id, ep.id, NEW.scheduled_for
       FROM barnum.webhook_endpoints ep
-     WHERE ep.is_active AND ('*' = ANY (ep.event_types) OR NEW.event_type = ANY (ep.event_types)
+     WHERE ep.is_active AND ep.account_id = NEW.account_id
+       AND ('*' = ANY (ep.event_types) OR NEW.event_type = ANY (ep.event_types)
                              OR barnum.glob_match(ep.event_types, NEW.event_type));
     IF NOT FOUND THEN
         UPDATE barnum.whatsapp_events
@@ -398,6 +399,10 @@ AS $$
         'url_ok', p.problem IS NULL, 'url_problem', p.problem,
         'has_secret', ep.secret IS NOT NULL,
         'event_types', to_jsonb(ep.event_types), 'is_active', ep.is_active,
+        'status', ep.status, 'failure_count', ep.failure_count, 'last_error', ep.last_error,
+        'disabled_reason', ep.metadata ->> 'disabled_reason',
+        'account', (SELECT a.name FROM barnum.accounts a WHERE a.id = ep.account_id),
+        'phone_number', ep.phone_number,
         'max_attempts', ep.max_attempts, 'timeout_ms', ep.timeout_ms,
         'created_at', ep.created_at, 'updated_at', ep.updated_at)
       FROM (SELECT barnum.url_parts(ep.url) ->> 'problem' AS problem) p

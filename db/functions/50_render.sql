@@ -93,7 +93,8 @@ $$;
 
 -- The payload of one event (SPEC §3): the seed's shape plus event_id, the
 -- appointment as it is now (or the patient, for patient events) and the
--- action links minted for this delivery.  A bare expression, inlined into
+-- action links minted for this delivery.  Other events (endpoint.disabled)
+-- carry only their data.  A bare expression, inlined into
 -- the claim's render query like appointment_doc.
 CREATE OR REPLACE FUNCTION barnum.event_payload(
     e barnum.whatsapp_events, p_appointment jsonb, p_patient jsonb, p_links jsonb)
@@ -105,9 +106,10 @@ AS $$
                'created_at', to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'),
                'workflow_id', e.workflow_id)
         || CASE WHEN e.data <> '{}' THEN jsonb_build_object('data', e.data) ELSE '{}' END
-        || CASE WHEN e.entity_type = 'patient'
-                THEN jsonb_build_object('patient', p_patient, 'action_links', '{}'::jsonb)
-                ELSE jsonb_build_object('appointment', p_appointment,
-                                        'action_links', coalesce(p_links, '{}'::jsonb))
+        || CASE e.entity_type
+                WHEN 'patient' THEN jsonb_build_object('patient', p_patient, 'action_links', '{}'::jsonb)
+                WHEN 'appointment' THEN jsonb_build_object('appointment', p_appointment,
+                                                           'action_links', coalesce(p_links, '{}'::jsonb))
+                ELSE '{}'::jsonb
            END
 $$;

@@ -113,6 +113,8 @@ BEGIN
                           THEN 'patient has a future appointment' END,
                      CASE WHEN w.id IS NOT NULL AND w.status NOT IN ('pending', 'sent')
                           THEN format('workflow %s', w.status) END)
+                 -- Other entities (endpoint.disabled, …) carry their data in the event.
+                 WHEN e.entity_type <> 'appointment' THEN NULL
                  WHEN a.id IS NULL THEN 'appointment not found'
                  ELSE coalesce(barnum.patient_block_reason(a.patient_id),
                                barnum.appointment_event_stale(e.event_type, a, w, v_now))
@@ -247,8 +249,12 @@ DECLARE
     v_base int;
     v_cap int;
     v_max int;
+    v_threshold int := barnum.setting_int('endpoint_failure_threshold');
+    v_disable_after interval := barnum.setting_interval('endpoint_disable_after');
     n int;
     touched uuid[];
+    sick uuid[];
+    gone uuid[];
 BEGIN
     IF p_results IS NULL OR jsonb_typeof(p_results) <> 'array' THEN
         PERFORM barnum.fail('BN400', 'results must be a JSON array');
@@ -291,20 +297,88 @@ BEGIN
           FROM x, barnum.webhook_endpoints ep
          WHERE d.id = x.delivery_id AND d.attempts = x.attempt AND d.status = 'processing'
            AND ep.id = d.endpoint_id
-        RETURNING d.id, d.event_id, x.attempt, x.duration_ms, x.http_status,
-                  left(x.response_body, 4096) AS response_body, left(x.error, 2000) AS error
+        RETURNING d.id, d.event_id, d.endpoint_id, d.status, d.last_error, x.ok, x.attempt, x.duration_ms,
+                  x.http_status, left(x.response_body, 4096) AS response_body, left(x.error, 2000) AS error
     ), audit AS (
         INSERT INTO barnum.webhook_attempts (delivery_id, attempt, started_at, duration_ms, http_status, response_body, error)
         SELECT upd.id, upd.attempt, v_now - make_interval(secs => coalesce(upd.duration_ms, 0) / 1000.0),
                upd.duration_ms, upd.http_status, upd.response_body, upd.error
           FROM upd
+    ), h AS (
+        -- Endpoint health, per endpoint of the batch.  Within one batch the
+        -- order of outcomes is not known: a success resets the count to the
+        -- batch's own dead letters.
+        SELECT upd.endpoint_id, bool_or(upd.ok) AS any_ok, bool_or(NOT upd.ok) AS any_fail,
+               count(*) FILTER (WHERE upd.status = 'dead_letter') AS dead,
+               bool_or(upd.http_status = 410) AS gone,
+               (array_agg(upd.last_error ORDER BY upd.id DESC) FILTER (WHERE NOT upd.ok))[1] AS err
+          FROM upd GROUP BY upd.endpoint_id
+    ), health AS (
+        -- Written only when the health changes or the timestamps are a second
+        -- old: a busy endpoint's row is not rewritten by every batch.
+        UPDATE barnum.webhook_endpoints ep
+           SET failure_count = CASE WHEN h.any_ok THEN h.dead ELSE ep.failure_count + h.dead END,
+               failing_since = CASE WHEN NOT h.any_fail THEN NULL
+                                    WHEN h.any_ok THEN CASE WHEN h.dead > 0 THEN v_now END
+                                    ELSE coalesce(ep.failing_since, v_now) END,
+               last_attempt_at = v_now,
+               last_success_at = CASE WHEN h.any_ok THEN v_now ELSE ep.last_success_at END,
+               last_error = CASE WHEN h.any_fail THEN h.err ELSE ep.last_error END
+          FROM h
+         WHERE ep.id = h.endpoint_id
+           AND (h.dead > 0 OR h.gone OR (h.any_fail AND ep.failing_since IS NULL)
+                OR (h.any_ok AND (ep.failure_count > 0 OR ep.failing_since IS NOT NULL))
+                OR (h.any_ok AND (ep.last_success_at IS NULL OR ep.last_success_at < v_now - interval '1 second'))
+                OR ep.last_attempt_at IS NULL OR ep.last_attempt_at < v_now - interval '1 second')
+        RETURNING ep.id, ep.status, ep.failure_count, ep.failing_since, h.gone
     )
-    SELECT count(*), array_agg(DISTINCT upd.event_id) INTO n, touched FROM upd;
+    SELECT (SELECT count(*) FROM upd), (SELECT array_agg(DISTINCT upd.event_id) FROM upd),
+           (SELECT array_agg(health.id) FROM health
+             WHERE health.status = 'active'
+               AND (health.gone OR health.failure_count >= v_threshold
+                    OR health.failing_since < v_now - v_disable_after)),
+           (SELECT array_agg(health.id) FROM health WHERE health.gone)
+      INTO n, touched, sick, gone;
 
     IF touched IS NOT NULL THEN
         PERFORM barnum.refresh_events(touched);
     END IF;
+    IF sick IS NOT NULL THEN
+        PERFORM barnum.disable_failed_endpoints(sick, coalesce(gone, '{}'), v_threshold);
+    END IF;
     RETURN n;
+END
+$$;
+
+-- Endpoints that kept failing are switched off ('failed'): a 410 Gone answer
+-- at once, else N dead letters in a row or failing for too long.  Their
+-- queued deliveries wait (the claim reads active endpoints only) until an
+-- operator or the owner enables them again.  The account's other endpoints
+-- get an endpoint.disabled event.
+CREATE OR REPLACE FUNCTION barnum.disable_failed_endpoints(p_ids uuid[], p_gone uuid[], p_threshold int)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    WITH off AS (
+        UPDATE barnum.webhook_endpoints ep
+           SET status = 'failed',
+               metadata = ep.metadata || jsonb_build_object(
+                   'disabled_at', barnum.clock(),
+                   'disabled_reason', CASE
+                       WHEN ep.id = ANY (p_gone) THEN 'the receiver answered 410 Gone'
+                       WHEN ep.failure_count >= p_threshold THEN format('%s dead letters in a row', ep.failure_count)
+                       ELSE format('failing since %s', ep.failing_since) END),
+               updated_at = now()
+         WHERE ep.id = ANY (p_ids) AND ep.status = 'active'
+        RETURNING ep.id, ep.account_id, ep.name, ep.phone_number, ep.metadata ->> 'disabled_reason' AS reason
+    )
+    INSERT INTO barnum.whatsapp_events (event_type, entity_type, entity_id, account_id, data, max_retries)
+    SELECT 'endpoint.disabled', 'endpoint', off.id, off.account_id,
+           jsonb_build_object('endpoint_id', off.id, 'name', off.name, 'phone_number', off.phone_number,
+                              'reason', off.reason),
+           barnum.setting_int('max_attempts') - 1
+      FROM off;
 END
 $$;
 

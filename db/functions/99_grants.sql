@@ -28,5 +28,13 @@ GRANT EXECUTE ON FUNCTION
     barnum.validate_action_token(text),
     barnum.shim_config(),
     barnum.migrations_current(text[]),
-    barnum.queue_stats()
+    barnum.queue_stats(),
+    barnum.api_register_webhook(text, jsonb),
+    barnum.api_list_webhooks(text),
+    barnum.api_get_webhook(text, text),
+    barnum.api_update_webhook(text, text, jsonb),
+    barnum.api_delete_webhook(text, text),
+    barnum.api_webhook_events(text, text, text, int),
+    barnum.api_retry_event(text, text),
+    barnum.api_replay_webhook(text, text, jsonb)
 TO barnum_shim;

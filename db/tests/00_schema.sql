@@ -1,6 +1,6 @@
 -- 00_schema: the objects SPEC §2 names exist with the contracted shapes.
 BEGIN;
-SELECT plan(201);
+SELECT plan(203);
 
 -- ------------------------------------------------------------ schema, tables
 SELECT has_schema('barnum', 'schema barnum exists');
@@ -189,9 +189,11 @@ SELECT is((SELECT value FROM barnum.settings WHERE key = s.key), s.val,
     ('backoff_base_seconds', '5'),
     ('backoff_max_seconds',  '3600'),
     ('retention',            '"90 days"'),
-    ('one_click_actions',    'false')
+    ('one_click_actions',    'false'),
+    ('endpoint_failure_threshold', '20'),
+    ('endpoint_disable_after', '"5 days"')
   ) AS s(key, val);
-SELECT is((SELECT count(*)::int FROM barnum.settings), 13, 'exactly the 13 documented settings are seeded');
+SELECT is((SELECT count(*)::int FROM barnum.settings), 15, 'exactly the 15 documented settings are seeded');
 
 -- ------------------------------------------------------------ E.164 phone check
 SELECT lives_ok($$INSERT INTO barnum.patients (name, phone) VALUES ('E164 ok', '+351912345678')$$,

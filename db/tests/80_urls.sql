@@ -2,7 +2,7 @@
 -- check cannot be fooled into reading a host the relay will not connect to;
 -- the relay's ensure_endpoint manages only the n8n endpoint (issue 12).
 BEGIN;
-SELECT plan(52);
+SELECT plan(53);
 
 CREATE FUNCTION pg_temp.parts(p_url text) RETURNS jsonb LANGUAGE sql AS $$
     SELECT barnum.url_parts(p_url) - 'problem' - 'fragment' - 'userinfo' $$;
@@ -75,10 +75,15 @@ SELECT is((barnum.endpoint_add('ok6', 'http://[::1]:8080/{event_type}')) ->> 'ur
           'endpoint_add: http to [::1] with a placeholder is accepted');
 
 -- ============================================================ endpoint_json: legacy rows
+-- Rows stored before the URL rules (trg_endpoint_url now refuses them on write).
+SELECT throws_ok($$INSERT INTO barnum.webhook_endpoints (name, url) VALUES ('direct', 'http://evil#@localhost/')$$,
+                 'BN422', NULL, 'a direct INSERT of a refused URL fails too (trigger)');
+ALTER TABLE barnum.webhook_endpoints DISABLE TRIGGER trg_endpoint_url;
 INSERT INTO barnum.webhook_endpoints (name, url) VALUES
     ('legacy-q',    'https://192.0.2.2:18735?@127.0.0.1/'),
     ('legacy-cred', 'https://user:hunter2@hooks.example/in'),
     ('legacy-frag', 'http://evil#@localhost/');
+ALTER TABLE barnum.webhook_endpoints ENABLE TRIGGER trg_endpoint_url;
 SELECT is((SELECT barnum.endpoint_json(ep) ->> 'url' FROM barnum.webhook_endpoints ep WHERE name = 'legacy-q'),
           'https://192.0.2.2:18735?@127.0.0.1/', 'endpoint_json shows the real host (no mask over it)');
 SELECT is((SELECT barnum.endpoint_json(ep) ->> 'url' FROM barnum.webhook_endpoints ep WHERE name = 'legacy-cred'),
