@@ -104,7 +104,7 @@ async def _endpoints(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
         rows = json.loads(await conn.fetchval(queries.ENDPOINT_LIST))
         _emit(rows, args.json, lambda r: _table(
             [dict(x, event_types=",".join(x["event_types"])) for x in r],
-            ["name", "url", "is_active", "event_types", "has_secret", "max_attempts", "timeout_ms"])
+            ["name", "url", "status", "event_types", "has_secret", "max_attempts", "timeout_ms"])
             if r else "no endpoints (add one: barnum endpoints add NAME URL)")
         return EXIT_OK
     if action == "add":
@@ -205,6 +205,67 @@ def configure_dlq(p: argparse.ArgumentParser) -> None:
     g.add_argument("--all", action="store_true", help="every dead letter")
 
 
+# ------------------------------------------------------------------ accounts, API tokens
+
+
+async def _accounts(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
+    if args.accounts_action == "add":
+        doc = json.loads(await conn.fetchval(queries.ACCOUNT_ADD, args.name))
+        print(f"added account {doc['name']} ({doc['id']}); give it an API token: "
+              f"barnum tokens create --account {doc['name']} --name NAME")
+        return EXIT_OK
+    rows = json.loads(await conn.fetchval(queries.ACCOUNT_LIST))
+    _emit(rows, args.json, lambda r: _table(r, ["name", "id", "endpoints", "active_tokens", "created_at"]))
+    return EXIT_OK
+
+
+def configure_accounts(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="accounts_action", metavar="ACTION", required=True)
+    add = sub.add_parser("add", help="add an account (a client of the management API)")
+    add.add_argument("name", help="1–64 of A-Z a-z 0-9 _ . -")
+    ls = sub.add_parser("list", help="list accounts")
+    ls.add_argument("--json", action="store_true")
+
+
+async def _tokens(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
+    action = args.tokens_action
+    if action == "create":
+        scopes = [x.strip() for x in args.scopes.split(",") if x.strip()] if args.scopes else None
+        doc = json.loads(await conn.fetchval(queries.TOKEN_CREATE, args.account, args.name, scopes))
+        if args.json:
+            print(json.dumps(doc, indent=2))
+        else:
+            # The only time the plain token exists: only its SHA-256 is stored.
+            print(doc["token"])
+            print(f"token {doc['id']} for account {doc['account']} ({','.join(doc['scopes'])}); "
+                  "store it now, it cannot be shown again", file=sys.stderr)
+        return EXIT_OK
+    if action == "list":
+        rows = json.loads(await conn.fetchval(queries.TOKEN_LIST, args.account))
+        _emit(rows, args.json, lambda r: _table(
+            [dict(x, scopes=",".join(x["scopes"])) for x in r],
+            ["id", "account", "name", "scopes", "created_at", "last_used_at", "revoked_at"])
+            if r else "no API tokens (create one: barnum tokens create --account NAME --name NAME)")
+        return EXIT_OK
+    doc = json.loads(await conn.fetchval(queries.TOKEN_REVOKE, args.id))
+    print(f"revoked token {doc['id']} ({doc['name']}, account {doc['account']})")
+    return EXIT_OK
+
+
+def configure_tokens(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="tokens_action", metavar="ACTION", required=True)
+    create = sub.add_parser("create", help="create an API token (printed once)")
+    create.add_argument("--account", required=True, help="the account it acts for (barnum accounts list)")
+    create.add_argument("--name", required=True, help="what it is for, e.g. the client's system")
+    create.add_argument("--scopes", help="comma-separated: webhooks:read,webhooks:write (default both)")
+    create.add_argument("--json", action="store_true", help="print the token and its description as JSON")
+    ls = sub.add_parser("list", help="list API tokens (never the tokens themselves)")
+    ls.add_argument("--account", help="only this account's")
+    ls.add_argument("--json", action="store_true")
+    rv = sub.add_parser("revoke", help="revoke a token: it stops working at once")
+    rv.add_argument("id", help="the token's id (barnum tokens list)")
+
+
 # ------------------------------------------------------------------ status
 
 
@@ -278,6 +339,8 @@ def configure_settings(p: argparse.ArgumentParser) -> None:
 HANDLERS: dict[str, Handler] = {
     "endpoints": _endpoints,
     "dlq": _dlq,
+    "accounts": _accounts,
+    "tokens": _tokens,
     "status": _status,
     "settings": _settings,
 }

@@ -13,7 +13,7 @@ from pathlib import Path
 import asyncpg
 
 #: HTTP status for each Barnum SQLSTATE (SPEC §2.6).
-HTTP_STATUS = {"BN400": 400, "BN404": 404, "BN409": 409, "BN410": 410, "BN422": 422}
+HTTP_STATUS = {"BN400": 400, "BN401": 401, "BN403": 403, "BN404": 404, "BN409": 409, "BN410": 410, "BN422": 422}
 
 
 @dataclass(frozen=True)

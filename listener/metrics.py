@@ -53,6 +53,11 @@ CALLBACKS = Counter(
     "n8n callbacks by action and outcome (HTTP status)",
     ["action", "status"],
 )
+API_REQUESTS = Counter(
+    "barnum_api_requests_total",
+    "Management API requests by route, method and outcome (HTTP status)",
+    ["route", "method", "status"],
+)
 SIGNATURE_FAILURES = Counter(
     "barnum_signature_failures_total",
     "Callbacks rejected because the signature was missing, wrong or stale",

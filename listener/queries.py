@@ -67,6 +67,34 @@ MIGRATIONS_CURRENT = "SELECT barnum.migrations_current($1::text[])"
 #: Settings the shim renders with (locale, public_base_url, one_click_actions).
 SHIM_CONFIG = "SELECT barnum.shim_config()::text"
 
+# --- management API (shim, /api/webhooks/…; SPEC-2 §A) -----------------------
+# Each takes the caller's bearer token as $1 (NULL when absent): SQL
+# authenticates, scopes to the token's account and validates.
+
+#: $2 = body (jsonb text).  {"created": bool, "webhook": {...}}.
+API_REGISTER_WEBHOOK = "SELECT barnum.api_register_webhook($1, $2::jsonb)::text"
+
+#: {"webhooks": [...]} of the token's account.
+API_LIST_WEBHOOKS = "SELECT barnum.api_list_webhooks($1)::text"
+
+#: $2 = webhook id (text from the path; malformed → BN404).
+API_GET_WEBHOOK = "SELECT barnum.api_get_webhook($1, $2)::text"
+
+#: $2 = webhook id, $3 = body (jsonb text): the fields to change.
+API_UPDATE_WEBHOOK = "SELECT barnum.api_update_webhook($1, $2, $3::jsonb)::text"
+
+#: $2 = webhook id.
+API_DELETE_WEBHOOK = "SELECT barnum.api_delete_webhook($1, $2)::text"
+
+#: $2 = webhook id, $3 = cursor (text or NULL), $4 = page size.
+API_WEBHOOK_EVENTS = "SELECT barnum.api_webhook_events($1, $2, $3, $4)::text"
+
+#: $2 = event id: re-queue the account's dead deliveries of it.
+API_RETRY_EVENT = "SELECT barnum.api_retry_event($1, $2)::text"
+
+#: $2 = webhook id, $3 = body {since, until} (jsonb text).
+API_REPLAY_WEBHOOK = "SELECT barnum.api_replay_webhook($1, $2, $3::jsonb)::text"
+
 # --- operator tools (barnum endpoints | dlq | status | settings) --------------
 
 #: Add an endpoint: name, url, secret, event_types text[], max_attempts,
@@ -101,6 +129,14 @@ SETTINGS_GET = "SELECT barnum.get_settings()::text"
 
 #: Set one setting ($2 as jsonb text); validated in SQL (BN404/BN422).
 SETTINGS_SET = "SELECT barnum.set_setting($1, $2::jsonb)::text"
+
+#: Accounts and API tokens (barnum accounts | tokens).  The plain token is
+#: returned by TOKEN_CREATE only.
+ACCOUNT_ADD = "SELECT barnum.account_add($1)::text"
+ACCOUNT_LIST = "SELECT barnum.account_list()::text"
+TOKEN_CREATE = "SELECT barnum.api_token_create($1, $2, $3::text[])::text"
+TOKEN_LIST = "SELECT barnum.api_token_list($1)::text"
+TOKEN_REVOKE = "SELECT barnum.api_token_revoke($1)::text"
 
 # --- barnum dev ---------------------------------------------------------------
 

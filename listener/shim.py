@@ -84,6 +84,7 @@ WEBHOOK_ALIASES: Final = {
 ERROR_CODES: Final = {
     400: "BAD_REQUEST",
     401: "UNAUTHORIZED",
+    403: "FORBIDDEN",
     404: "NOT_FOUND",
     405: "METHOD_NOT_ALLOWED",
     409: "CONFLICT",
@@ -184,6 +185,8 @@ class _Shim:
     relay_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     #: The relay's HTTP transport, opened by the first /api/internal call.
     transport: Any = None
+    #: /openapi.json, built once by create_app.
+    openapi_doc: bytes = b"{}"
 
     # --- database -------------------------------------------------------
 
@@ -466,7 +469,7 @@ class _Shim:
         return json_response(200, {"status": "ok"})
 
     async def openapi(self, request: Request) -> Response:
-        return json_response(200, OPENAPI_BYTES, {"Cache-Control": "public, max-age=300"})
+        return json_response(200, self.openapi_doc, {"Cache-Control": "public, max-age=300"})
 
     # --- fallbacks ------------------------------------------------------
 
@@ -594,11 +597,15 @@ def create_app(config: Config, pool: Any = None, relay_pass: RelayPass | None = 
     except Exception as exc:  # MigrationError: a broken install, said in one line at start
         raise ConfigError(f"cannot find Barnum's SQL files: {exc}") from None
     shim = _Shim(config=config, pool=pool, owns_pool=False, relay_pass=relay_pass, versions=versions)
+    api = importlib.import_module("listener.api").Api(shim)
+    shim.openapi_doc = openapi_bytes(*api.openapi())
     routes = [
         Route("/api/action", shim.action, methods=["GET", "POST"]),
         Route("/api/action/{kind:str}", _only_action_kinds(shim.action), methods=["GET", "POST"]),
         Route("/api/webhook", shim.webhook_endpoint(None), methods=["POST"]),
         *(Route(path, shim.webhook_endpoint(act), methods=["POST"]) for path, act in WEBHOOK_ALIASES.items()),
+        # The management API (listener/api.py); imported here, as it builds on this module.
+        *api.routes(),
         Route("/api/internal", shim.internal, methods=["POST"]),
         Route("/api/internal/process-events", shim.internal, methods=["POST"]),
         Route("/healthz", shim.healthz, methods=["GET"]),
@@ -959,5 +966,14 @@ def _openapi() -> dict[str, Any]:
     }
 
 
-OPENAPI: Final = _openapi()
-OPENAPI_BYTES: Final = json.dumps(OPENAPI, ensure_ascii=False, indent=1).encode("utf-8")
+def openapi_bytes(extra_paths: dict[str, Any], extra_schemas: dict[str, Any]) -> bytes:
+    """The OpenAPI document with the management API's paths (listener/api.py)."""
+    doc = _openapi()
+    doc["paths"].update(extra_paths)
+    doc["components"]["schemas"].update(extra_schemas)
+    doc["components"]["securitySchemes"]["apiToken"] = {
+        "type": "http", "scheme": "bearer", "description": "an API token from `barnum tokens create`"}
+    doc["info"]["description"] = ("n8n callbacks, the webhook management API, the internal relay trigger and "
+                                  "health probes. Patients' action links (/api/action) answer HTML and are not "
+                                  "described here.")
+    return json.dumps(doc, ensure_ascii=False, indent=1).encode("utf-8")

@@ -48,6 +48,8 @@ class HttpResult:
     retry_after: float | None
     error: str | None
     duration_ms: int
+    #: The receiver answered ``webhook-delivery: abort``: stop retrying (Svix).
+    abort: bool = False
 
     @property
     def ok(self) -> bool:
@@ -55,7 +57,7 @@ class HttpResult:
 
     @property
     def retryable(self) -> bool:
-        return is_retryable(self.status, self.error)
+        return not self.abort and is_retryable(self.status, self.error)
 
 
 def is_retryable(status: int | None, error: str | None = None) -> bool:
@@ -64,6 +66,9 @@ def is_retryable(status: int | None, error: str | None = None) -> bool:
         return not (error or "").startswith(FINAL_ERROR_PREFIX)
     return status >= 500 or status in RETRYABLE_STATUSES
 
+
+#: The error recorded when a receiver asks to stop retrying a delivery.
+ABORT_ERROR = "the receiver answered webhook-delivery: abort (no more retries)"
 
 #: Errors starting with this are the sender's fault (bad URL): not retried.
 FINAL_ERROR_PREFIX = "invalid request: "
@@ -198,8 +203,10 @@ class Transport:
                 status = resp.status
                 raw = await _read_limited(resp.content, BODY_LIMIT)
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                abort = resp.headers.get("webhook-delivery", "").strip().lower() == "abort"
             return HttpResult(
-                status, _decode_body(raw), retry_after, None, _ms(started)
+                status, _decode_body(raw), retry_after,
+                ABORT_ERROR if abort and not 200 <= status < 300 else None, _ms(started), abort,
             )
         except asyncio.TimeoutError:
             return HttpResult(status, None, None, f"timeout after {timeout_ms} ms", _ms(started))

@@ -45,6 +45,8 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "backoff_max_seconds": 3600,
     "retention": "90 days",
     "one_click_actions": False,
+    "endpoint_failure_threshold": 20,
+    "endpoint_disable_after": "5 days",
 }
 
 Conn = psycopg.Connection[TupleRow]

@@ -242,9 +242,13 @@ def test_cli_refuses_the_attacks_and_lists_the_real_host(db_url: str, db_conn: C
 
 
 def test_stored_urls_the_rules_now_refuse_are_flagged_and_masked(db_url: str, db_conn: Conn) -> None:
-    db_conn.execute("INSERT INTO barnum.webhook_endpoints (name, url) VALUES"
-                    " ('cred', 'https://user:hunter2@hooks.example/in'), ('frag', 'http://evil#@localhost/'),"
-                    " ('good', 'https://hooks.example/{event_type}')")
+    # Rows stored before the URL rules: trg_endpoint_url refuses them on any write now.
+    with db_conn.transaction():
+        db_conn.execute("ALTER TABLE barnum.webhook_endpoints DISABLE TRIGGER trg_endpoint_url")
+        db_conn.execute("INSERT INTO barnum.webhook_endpoints (name, url) VALUES"
+                        " ('cred', 'https://user:hunter2@hooks.example/in'), ('frag', 'http://evil#@localhost/'),"
+                        " ('good', 'https://hooks.example/{event_type}')")
+        db_conn.execute("ALTER TABLE barnum.webhook_endpoints ENABLE TRIGGER trg_endpoint_url")
     listed = json.loads(ok(barnum_all([["endpoints", "list", "--json"]], url=db_url)[0]))
     assert [(e["name"], e["url"], e["url_ok"]) for e in listed] == [
         ("cred", "https://***@hooks.example/in", False),
