@@ -15,7 +15,10 @@ AS $$
         'appointment.rescheduled',
         'appointment.reschedule_requested',
         'patient.reactivation',
-        'endpoint.disabled'
+        'endpoint.disabled',
+        'message.received',
+        'message.status',
+        'message.needs_attention'
     ]
 $$;
 

@@ -85,6 +85,10 @@ BEGIN
     SELECT NEW.id, ep.id, NEW.scheduled_for
       FROM barnum.webhook_endpoints ep
      WHERE ep.is_active AND ep.account_id = NEW.account_id
+       -- An endpoint registered for one WhatsApp number hears only that
+       -- number's messages (the seed: one webhook per number).
+       AND (ep.phone_number IS NULL OR NEW.entity_type <> 'message'
+            OR ep.phone_number = NEW.data #>> '{metadata,display_phone_number}')
        AND ('*' = ANY (ep.event_types) OR NEW.event_type = ANY (ep.event_types)
                              OR barnum.glob_match(ep.event_types, NEW.event_type));
     IF NOT FOUND THEN

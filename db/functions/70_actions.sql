@@ -104,25 +104,8 @@ BEGIN
         PERFORM barnum.action_fail('BN409', blocked);
     END IF;
 
-    -- The answer first (so the status trigger's clean-up sees it answered).
-    UPDATE barnum.whatsapp_workflows
-       SET status = 'completed', response = p_type, responded_at = v_now,
-           metadata = metadata || jsonb_build_object('via', 'action_link')
-     WHERE appointment_id = a.id AND status IN ('pending', 'sent')
-       AND (id = t.workflow_id OR workflow_type = ANY (
-            CASE WHEN p_type = 'reschedule'
-                 THEN ARRAY['pre_confirmation', 'reminder', 'reschedule_prompt']
-                 ELSE ARRAY['pre_confirmation', 'reminder'] END));
-
-    IF p_type = 'confirm' AND a.status <> 'confirmed' THEN
-        UPDATE barnum.appointments SET status = 'confirmed' WHERE id = a.id RETURNING * INTO a;
-    ELSIF p_type = 'cancel' THEN
-        UPDATE barnum.appointments
-           SET status = 'cancelled', cancel_reason = 'cancelled by the patient (action link)'
-         WHERE id = a.id RETURNING * INTO a;
-    ELSIF p_type = 'reschedule' THEN
-        PERFORM barnum.open_reschedule_request(a, 'action_link');
-    END IF;
+    -- The same change a WhatsApp reply makes (87_inbound).
+    a := barnum.apply_patient_answer(a, p_type, t.workflow_id, 'action_link');
 
     UPDATE barnum.whatsapp_action_tokens SET used_at = v_now WHERE id = t.id;
     RETURN jsonb_build_object(

@@ -36,5 +36,6 @@ GRANT EXECUTE ON FUNCTION
     barnum.api_delete_webhook(text, text),
     barnum.api_webhook_events(text, text, text, int),
     barnum.api_retry_event(text, text),
-    barnum.api_replay_webhook(text, text, jsonb)
+    barnum.api_replay_webhook(text, text, jsonb),
+    barnum.ingest_whatsapp(jsonb)
 TO barnum_shim;
