@@ -266,6 +266,37 @@ def configure_tokens(p: argparse.ArgumentParser) -> None:
     rv.add_argument("id", help="the token's id (barnum tokens list)")
 
 
+# ------------------------------------------------------------------ WhatsApp numbers
+
+
+async def _numbers(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
+    action = args.numbers_action
+    if action == "add":
+        doc = json.loads(await conn.fetchval(queries.NUMBER_ADD, args.phone_number_id, args.account, args.display))
+        print(f"routing phone_number_id {doc['phone_number_id']} to account {doc['account']}")
+        return EXIT_OK
+    if action == "list":
+        rows = json.loads(await conn.fetchval(queries.NUMBER_LIST))
+        _emit(rows, args.json, lambda r: _table(r, ["phone_number_id", "account", "display_phone_number", "created_at"])
+              if r else "no WhatsApp numbers (route one: barnum numbers add PHONE_NUMBER_ID --account NAME)")
+        return EXIT_OK
+    doc = json.loads(await conn.fetchval(queries.NUMBER_REMOVE, args.phone_number_id))
+    print(f"removed phone_number_id {doc['removed']}")
+    return EXIT_OK
+
+
+def configure_numbers(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="numbers_action", metavar="ACTION", required=True)
+    add = sub.add_parser("add", help="route a WhatsApp number's webhooks to an account")
+    add.add_argument("phone_number_id", help="the number's phone_number_id in Meta's WhatsApp Manager")
+    add.add_argument("--account", default="default", help="the account that owns it (default: default)")
+    add.add_argument("--display", help="the number as people dial it, e.g. +1 555 078 3881")
+    ls = sub.add_parser("list", help="list routed numbers")
+    ls.add_argument("--json", action="store_true")
+    rm = sub.add_parser("remove", help="stop routing a number (its notifications become unrouted)")
+    rm.add_argument("phone_number_id")
+
+
 # ------------------------------------------------------------------ status
 
 
@@ -340,6 +371,7 @@ HANDLERS: dict[str, Handler] = {
     "endpoints": _endpoints,
     "dlq": _dlq,
     "accounts": _accounts,
+    "numbers": _numbers,
     "tokens": _tokens,
     "status": _status,
     "settings": _settings,

@@ -169,6 +169,8 @@ COMMANDS: dict[str, Command] = {
                                 admin.configure_endpoints),
     "dlq": _admin_command("dlq", "list or retry dead letters", admin.configure_dlq),
     "accounts": _admin_command("accounts", "accounts of the management API (add|list)", admin.configure_accounts),
+    "numbers": _admin_command("numbers", "WhatsApp numbers routed to accounts (add|list|remove)",
+                              admin.configure_numbers),
     "tokens": _admin_command("tokens", "API tokens of the management API (create|list|revoke)",
                              admin.configure_tokens),
     "status": _admin_command("status", "queue depth, dead letters, per-endpoint success rate",

@@ -30,6 +30,9 @@ class Config:
     log_level: str = "INFO"
     #: Refuse callbacks whose signature covers no timestamp (the seed's body-only hex scheme).
     webhook_require_timestamp: bool = False
+    #: WhatsApp Cloud API webhook: app secret(s), comma-separated, and the verify token.
+    whatsapp_app_secret: str | None = field(default=None, repr=False)
+    whatsapp_verify_token: str | None = field(default=None, repr=False)
 
     @property
     def signing_key(self) -> bytes:
@@ -85,6 +88,8 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         port=port,
         log_level=level,
         webhook_require_timestamp=require_ts,
+        whatsapp_app_secret=e.get("WHATSAPP_APP_SECRET") or None,
+        whatsapp_verify_token=e.get("WHATSAPP_VERIFY_TOKEN") or None,
     )
 
 

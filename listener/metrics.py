@@ -58,9 +58,15 @@ API_REQUESTS = Counter(
     "Management API requests by route, method and outcome (HTTP status)",
     ["route", "method", "status"],
 )
+WHATSAPP_WEBHOOKS = Counter(
+    "barnum_whatsapp_webhooks_total",
+    "WhatsApp Cloud API webhook requests by outcome (stored, bad_signature, too_large, bad_json, "
+    "unavailable, verified, verify_refused, …)",
+    ["outcome"],
+)
 SIGNATURE_FAILURES = Counter(
     "barnum_signature_failures_total",
-    "Callbacks rejected because the signature was missing, wrong or stale",
+    "Callbacks and WhatsApp notifications rejected because the signature was missing, wrong or stale",
 )
 REPLAYABLE_SIGNATURES = Counter(
     "barnum_callbacks_body_only_signature_total",

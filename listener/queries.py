@@ -95,6 +95,12 @@ API_RETRY_EVENT = "SELECT barnum.api_retry_event($1, $2)::text"
 #: $2 = webhook id, $3 = body {since, until} (jsonb text).
 API_REPLAY_WEBHOOK = "SELECT barnum.api_replay_webhook($1, $2, $3::jsonb)::text"
 
+# --- WhatsApp Cloud API webhook (shim, /whatsapp/webhook; SPEC-2 §B) ---------
+
+#: $1 = the verified notification's raw body (text → jsonb; a syntax error is
+#: SQLSTATE 22P02).  Counts of what was stored.
+INGEST_WHATSAPP = "SELECT barnum.ingest_whatsapp($1::jsonb)::text"
+
 # --- operator tools (barnum endpoints | dlq | status | settings) --------------
 
 #: Add an endpoint: name, url, secret, event_types text[], max_attempts,
@@ -137,6 +143,11 @@ ACCOUNT_LIST = "SELECT barnum.account_list()::text"
 TOKEN_CREATE = "SELECT barnum.api_token_create($1, $2, $3::text[])::text"
 TOKEN_LIST = "SELECT barnum.api_token_list($1)::text"
 TOKEN_REVOKE = "SELECT barnum.api_token_revoke($1)::text"
+
+#: WhatsApp numbers (phone_number_id → account) for inbound routing.
+NUMBER_ADD = "SELECT barnum.whatsapp_number_add($1, $2, $3)::text"
+NUMBER_LIST = "SELECT barnum.whatsapp_number_list()::text"
+NUMBER_REMOVE = "SELECT barnum.whatsapp_number_remove($1)::text"
 
 # --- barnum dev ---------------------------------------------------------------
 

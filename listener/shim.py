@@ -606,6 +606,7 @@ def create_app(config: Config, pool: Any = None, relay_pass: RelayPass | None = 
         *(Route(path, shim.webhook_endpoint(act), methods=["POST"]) for path, act in WEBHOOK_ALIASES.items()),
         # The management API (listener/api.py); imported here, as it builds on this module.
         *api.routes(),
+        *importlib.import_module("listener.whatsapp").WhatsApp(shim).routes(),
         Route("/api/internal", shim.internal, methods=["POST"]),
         Route("/api/internal/process-events", shim.internal, methods=["POST"]),
         Route("/healthz", shim.healthz, methods=["GET"]),
