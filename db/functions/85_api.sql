@@ -105,8 +105,8 @@ BEGIN
         PERFORM barnum.fail('BN422', 'token name must be 1–100 characters');
     END IF;
     IF p_scopes IS NOT NULL AND (cardinality(p_scopes) = 0
-                                 OR NOT p_scopes <@ '{webhooks:read,webhooks:write}') THEN
-        PERFORM barnum.fail('BN422', format('scopes must be among webhooks:read, webhooks:write, got %s',
+                                 OR NOT p_scopes <@ '{webhooks:read,webhooks:write,conversations:read}') THEN
+        PERFORM barnum.fail('BN422', format('scopes must be among webhooks:read, webhooks:write, conversations:read, got %s',
                                             array_to_string(p_scopes, ',')));
     END IF;
     INSERT INTO barnum.api_tokens (account_id, name, token_hash, scopes)

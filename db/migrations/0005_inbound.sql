@@ -33,14 +33,15 @@ CREATE INDEX contacts_patient_idx ON barnum.contacts (patient_id) WHERE patient_
 CREATE TABLE barnum.messages (
     account_id        uuid NOT NULL REFERENCES barnum.accounts (id) ON DELETE CASCADE,
     id                uuid NOT NULL DEFAULT gen_random_uuid(),
-    wa_message_id     text NOT NULL UNIQUE CHECK (length(wa_message_id) BETWEEN 1 AND 256),
+    -- NULL for an outbound message not sent yet (the sender stores the wamid).
+    wa_message_id     text UNIQUE CHECK (length(wa_message_id) BETWEEN 1 AND 256),
     contact_id        uuid NOT NULL REFERENCES barnum.contacts (id) ON DELETE CASCADE,
     phone_number_id   text,
     direction         text NOT NULL CHECK (direction IN ('inbound', 'outbound')),
     type              text NOT NULL,
     content           text,
     payload           jsonb NOT NULL DEFAULT '{}',
-    status            text CHECK (status IN ('received', 'sent', 'delivered', 'read', 'failed')),
+    status            text CHECK (status IN ('pending', 'received', 'sent', 'delivered', 'read', 'failed')),
     error             jsonb,
     status_updated_at timestamptz,
     session_id        uuid,
