@@ -307,3 +307,14 @@ BEGIN
     $f$, quote_ident(ext_schema));
 END
 $do$;
+
+-- Text without diacritics, the seed's way (NFD, then drop the combining
+-- marks U+0300–U+036F), so "Não" and "nao" compare equal.  normalize()
+-- needs a UTF8 database; elsewhere the text is returned as it is.
+CREATE OR REPLACE FUNCTION barnum.strip_diacritics(p_text text) RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE
+AS $$
+    SELECT CASE WHEN current_setting('server_encoding') = 'UTF8'
+                THEN regexp_replace(normalize(p_text, NFD), '[\u0300-\u036f]', '', 'g')
+                ELSE p_text END
+$$;

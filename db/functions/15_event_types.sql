@@ -18,7 +18,9 @@ AS $$
         'endpoint.disabled',
         'message.received',
         'message.status',
-        'message.needs_attention'
+        'message.needs_attention',
+        'message.send',
+        'session.handoff'
     ]
 $$;
 

@@ -87,7 +87,7 @@ BEGIN
      WHERE ep.is_active AND ep.account_id = NEW.account_id
        -- An endpoint registered for one WhatsApp number hears only that
        -- number's messages (the seed: one webhook per number).
-       AND (ep.phone_number IS NULL OR NEW.entity_type <> 'message'
+       AND (ep.phone_number IS NULL OR NEW.entity_type NOT IN ('message', 'session')
             OR ep.phone_number = NEW.data #>> '{metadata,display_phone_number}')
        AND ('*' = ANY (ep.event_types) OR NEW.event_type = ANY (ep.event_types)
                              OR barnum.glob_match(ep.event_types, NEW.event_type));

@@ -105,8 +105,8 @@ AS $$
                'event_id', e.id, 'event_type', e.event_type, 'entity_id', e.entity_id,
                'created_at', to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'),
                'workflow_id', e.workflow_id)
-        -- Message events carry the seed's flat payload (message_id, from, to, …).
-        || CASE WHEN e.entity_type = 'message' THEN e.data
+        -- Conversation events carry the seed's flat payload (message_id, from, to, …).
+        || CASE WHEN e.entity_type IN ('message', 'session') THEN e.data
                 WHEN e.data <> '{}' THEN jsonb_build_object('data', e.data) ELSE '{}' END
         || CASE e.entity_type
                 WHEN 'patient' THEN jsonb_build_object('patient', p_patient, 'action_links', '{}'::jsonb)

@@ -26,18 +26,15 @@ $$;
 
 -- A reply's words without case, accents, punctuation or extra spaces.
 CREATE OR REPLACE FUNCTION barnum.normalize_reply(p_text text) RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
+LANGUAGE sql STABLE PARALLEL SAFE
 AS $$
-    SELECT btrim(regexp_replace(
-        translate(lower(coalesce(p_text, '')),
-                  'áàâãäåéèêëíìîïóòôõöúùûüçñ', 'aaaaaaeeeeiiiiooooouuuucn'),
-        '[^a-z0-9]+', ' ', 'g'))
+    SELECT btrim(regexp_replace(barnum.strip_diacritics(lower(coalesce(p_text, ''))), '[^a-z0-9]+', ' ', 'g'))
 $$;
 
 -- confirm / cancel for a whole reply that says exactly that in the clinic's
 -- language (or English), else NULL: anything else is not guessed at.
 CREATE OR REPLACE FUNCTION barnum.reply_intent(p_text text, p_locale text) RETURNS text
-LANGUAGE sql IMMUTABLE
+LANGUAGE sql STABLE
 AS $$
     SELECT CASE
         WHEN w = ANY (CASE p_locale
@@ -123,13 +120,16 @@ END
 $$;
 
 -- ------------------------------------------------------------ events
+-- A conversation event (message.*, session.*): its entity is the message or
+-- the session named by the type's prefix; its data is the whole payload.
 CREATE OR REPLACE FUNCTION barnum.emit_message_event(
-    p_type text, p_account uuid, p_message_id uuid, p_data jsonb)
+    p_type text, p_account uuid, p_entity_id uuid, p_data jsonb)
 RETURNS void
 LANGUAGE sql
 AS $$
     INSERT INTO barnum.whatsapp_events (event_type, entity_type, entity_id, account_id, data, scheduled_for, max_retries)
-    VALUES (p_type, 'message', p_message_id, p_account, p_data, barnum.clock(), barnum.setting_int('max_attempts') - 1)
+    VALUES (p_type, split_part(p_type, '.', 1), p_entity_id, p_account, p_data, barnum.clock(),
+            barnum.setting_int('max_attempts') - 1)
 $$;
 
 -- ------------------------------------------------------------ replies that act
@@ -246,6 +246,7 @@ DECLARE
     n_unrouted int := 0;
     n_acted int := 0;
     n_attention int := 0;
+    n_flows int := 0;
     outcome jsonb;
 BEGIN
     IF p_payload IS NULL OR jsonb_typeof(p_payload) <> 'object'
@@ -308,6 +309,9 @@ BEGIN
                 n_attention := n_attention + 1;
             ELSIF outcome IS NOT NULL THEN
                 n_acted := n_acted + 1;
+            ELSIF barnum.dispatch_flows(v_msg, v_contact, v_parts.reply_id) IS NOT NULL THEN
+                -- Not about an appointment: the account's flows may answer it.
+                n_flows := n_flows + 1;
             END IF;
         END LOOP;
 
@@ -350,7 +354,7 @@ BEGIN
     END LOOP;
     RETURN jsonb_build_object('messages', n_new, 'duplicates', n_dup, 'statuses', n_status,
                               'stale_statuses', n_stale, 'unrouted', n_unrouted,
-                              'acted', n_acted, 'needs_attention', n_attention);
+                              'acted', n_acted, 'needs_attention', n_attention, 'flows', n_flows);
 END
 $$;
 

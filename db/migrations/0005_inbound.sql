@@ -48,7 +48,8 @@ CREATE TABLE barnum.messages (
     sent_at           timestamptz,
     -- What a reply did (an action it performed, or why staff must look).
     outcome           jsonb,
-    created_at        timestamptz NOT NULL DEFAULT now(),
+    -- clock_timestamp(): a conversation keeps its order within a transaction.
+    created_at        timestamptz NOT NULL DEFAULT clock_timestamp(),
     PRIMARY KEY (account_id, id),
     UNIQUE (id)
 );

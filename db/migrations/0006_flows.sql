@@ -9,7 +9,9 @@ CREATE TABLE barnum.flows (
     trigger     text NOT NULL CHECK (length(btrim(trigger)) BETWEEN 1 AND 200),
     status      text NOT NULL DEFAULT 'Active' CHECK (status IN ('Active', 'Inactive')),
     definition  jsonb NOT NULL,
-    created_at  timestamptz NOT NULL DEFAULT now(),
+    -- "The first matching flow" is the oldest: clock_timestamp() keeps flows
+    -- created in one transaction in their order.
+    created_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
     updated_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (account_id, id),
     UNIQUE (id),
