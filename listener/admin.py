@@ -18,6 +18,7 @@ import json
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -297,6 +298,51 @@ def configure_numbers(p: argparse.ArgumentParser) -> None:
     rm.add_argument("phone_number_id")
 
 
+# ------------------------------------------------------------------ flows
+
+
+async def _flows(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
+    action = args.flows_action
+    if action == "import":
+        try:
+            text = Path(args.file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"cannot read {args.file}: {exc.strerror or exc}") from None
+        try:
+            json.loads(text)
+        except ValueError as exc:
+            raise UsageError(f"{args.file} is not JSON: {exc}") from None
+        rows = json.loads(await conn.fetchval(queries.FLOW_IMPORT, args.account, text))
+        for row in rows:
+            print(f"imported flow {row['name']} (trigger {row['trigger']!r}, {row['nodes']} nodes, {row['status']})")
+        return EXIT_OK
+    if action == "list":
+        rows = json.loads(await conn.fetchval(queries.FLOW_LIST, args.account))
+        _emit(rows, args.json, lambda r: _table(
+            [dict(x, sessions=",".join(f"{k}:{v}" for k, v in (x["sessions"] or {}).items())) for x in r],
+            ["account", "name", "trigger", "status", "nodes", "sessions", "updated_at"])
+            if r else "no flows (import one: barnum flows import FILE.json)")
+        return EXIT_OK
+    doc = json.loads(await conn.fetchval(queries.FLOW_SET_STATUS, args.account, args.name,
+                                         "Active" if action == "enable" else "Inactive"))
+    print(f"flow {doc['name']} is {doc['status']}")
+    return EXIT_OK
+
+
+def configure_flows(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="flows_action", metavar="ACTION", required=True)
+    imp = sub.add_parser("import", help="create or replace flows from a JSON file (a flow or an array)")
+    imp.add_argument("file", help="JSON: {name, trigger, status?, definition} or a list of them")
+    imp.add_argument("--account", default="default", help="the account the flows belong to (default: default)")
+    ls = sub.add_parser("list", help="list flows with their sessions by status")
+    ls.add_argument("--account", help="only this account's")
+    ls.add_argument("--json", action="store_true")
+    for name in ("enable", "disable"):
+        sp = sub.add_parser(name, help=f"{name} a flow (new triggers only; open sessions go on)")
+        sp.add_argument("name")
+        sp.add_argument("--account", default="default")
+
+
 # ------------------------------------------------------------------ status
 
 
@@ -372,6 +418,7 @@ HANDLERS: dict[str, Handler] = {
     "dlq": _dlq,
     "accounts": _accounts,
     "numbers": _numbers,
+    "flows": _flows,
     "tokens": _tokens,
     "status": _status,
     "settings": _settings,

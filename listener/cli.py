@@ -171,6 +171,7 @@ COMMANDS: dict[str, Command] = {
     "accounts": _admin_command("accounts", "accounts of the management API (add|list)", admin.configure_accounts),
     "numbers": _admin_command("numbers", "WhatsApp numbers routed to accounts (add|list|remove)",
                               admin.configure_numbers),
+    "flows": _admin_command("flows", "keyword flows (import|list|enable|disable)", admin.configure_flows),
     "tokens": _admin_command("tokens", "API tokens of the management API (create|list|revoke)",
                              admin.configure_tokens),
     "status": _admin_command("status", "queue depth, dead letters, per-endpoint success rate",

@@ -149,6 +149,12 @@ NUMBER_ADD = "SELECT barnum.whatsapp_number_add($1, $2, $3)::text"
 NUMBER_LIST = "SELECT barnum.whatsapp_number_list()::text"
 NUMBER_REMOVE = "SELECT barnum.whatsapp_number_remove($1)::text"
 
+#: Keyword flows (barnum flows): import a file's flows into an account
+#: ($1 account name, $2 jsonb: a flow or an array), list, enable/disable.
+FLOW_IMPORT = "SELECT barnum.flow_import($1, $2::jsonb)::text"
+FLOW_LIST = "SELECT barnum.flow_list($1)::text"
+FLOW_SET_STATUS = "SELECT barnum.flow_set_status($1, $2, $3)::text"
+
 # --- barnum dev ---------------------------------------------------------------
 
 #: Messages delivered in an earlier run whose patient has not answered yet,

@@ -227,8 +227,11 @@ BEGIN
     VALUES (s.account_id, c.id, p_route ->> 'phone_number_id', 'outbound', v_type, p_text, body,
             'pending', barnum.clock(), s.id)
     RETURNING id INTO v_id;
+    -- The relay sends a batch concurrently: sequence (per session) lets a
+    -- sender keep the conversation's order.
     PERFORM barnum.emit_message_event('message.send', s.account_id, v_id, jsonb_build_object(
         'account_id', s.account_id, 'message_id', v_id, 'session_id', s.id, 'contact_id', c.id,
+        'sequence', (SELECT count(*) FROM barnum.messages m WHERE m.session_id = s.id AND m.direction = 'outbound'),
         'to', c.wa_id, 'type', v_type, 'content', p_text, 'whatsapp', body,
         'metadata', jsonb_strip_nulls(p_route)));
     RETURN v_id;
