@@ -125,6 +125,28 @@ async def _endpoints(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
             raise
         print(f"added endpoint {doc['name']} → {doc['url']}")
         return EXIT_OK
+    if action == "add-whatsapp":
+        templates: dict[str, dict[str, str]] = {}
+        for spec in args.template:
+            event, _, rest = spec.partition("=")
+            name, _, language = rest.partition(":")
+            if not event or not name:
+                raise UsageError(f"--template must be EVENT=NAME[:LANG], got {spec!r}")
+            templates[event.strip()] = {"name": name.strip(), "language": language.strip() or "pt_PT"}
+        try:
+            doc = json.loads(await conn.fetchval(
+                queries.ENDPOINT_ADD_WHATSAPP, args.name, args.phone_number_id, args.token_env, args.graph_url,
+                args.account, [t.strip() for t in args.events.split(",") if t.strip()], json.dumps(templates),
+                args.allow_http))
+        except asyncpg.PostgresError as exc:
+            err = barnum_error(exc)
+            url = f"{args.graph_url.rstrip('/')}/{args.phone_number_id}/messages"
+            if err is not None and not args.allow_http and await _only_http_refused(conn, url, err):
+                raise UsageError(f"{args.graph_url}: plain http is only allowed to this machine; "
+                                 "use https:// or pass --allow-http") from None
+            raise
+        print(f"added WhatsApp sender {doc['name']} → {doc['url']} (token from ${doc['token_env']})")
+        return EXIT_OK
     if action in ("enable", "disable"):
         doc = json.loads(await conn.fetchval(queries.ENDPOINT_SET_ACTIVE, args.name, action == "enable"))
         print(f"endpoint {doc['name']} {'enabled' if doc['is_active'] else 'disabled'}")
@@ -170,6 +192,18 @@ def configure_endpoints(p: argparse.ArgumentParser) -> None:
     add.add_argument("--max-attempts", type=int, default=None)
     add.add_argument("--timeout-ms", type=int, default=10000)
     add.add_argument("--allow-http", action="store_true", help="allow plain http to a non-loopback host")
+    wa = sub.add_parser("add-whatsapp", help="add a native WhatsApp sender (Graph API, no n8n)")
+    wa.add_argument("name")
+    wa.add_argument("--phone-number-id", required=True, help="the sending number's phone_number_id (Meta)")
+    wa.add_argument("--token-env", default="WHATSAPP_TOKEN",
+                    help="the relay's environment variable holding the access token (default: WHATSAPP_TOKEN)")
+    wa.add_argument("--graph-url", default="https://graph.facebook.com/v21.0", help="Graph API base URL")
+    wa.add_argument("--account", default="default")
+    wa.add_argument("--events", default="appointment.*,patient.reactivation,message.send",
+                    help="what it sends (default: appointment.*,patient.reactivation,message.send)")
+    wa.add_argument("--template", action="append", default=[], metavar="EVENT=NAME[:LANG]",
+                    help="an approved template for an event type, e.g. appointment.reminder=reminder_v2:pt_PT")
+    wa.add_argument("--allow-http", action="store_true", help="allow a plain-http Graph URL (tests)")
     for name in ("enable", "disable"):
         sp = sub.add_parser(name, help=f"{name} an endpoint")
         sp.add_argument("name")
@@ -358,9 +392,12 @@ def _render_status(doc: dict[str, Any]) -> str:
     eps = [dict(e, success_rate_last_hour=(
         "-" if e["success_rate_last_hour"] is None else f"{100 * float(e['success_rate_last_hour']):.1f}%"))
         for e in doc["endpoints"]]
-    lines.append(_table(eps, ["name", "is_active", "pending", "dead_letter",
+    lines.append(_table(eps, ["name", "status", "pending", "dead_letter",
                               "attempts_last_hour", "success_rate_last_hour", "url"])
                  if eps else "no endpoints")
+    # An endpoint switched off by its failures says why, one line each.
+    lines += [f"! endpoint {e['name']} is {e['status']}: {e['disabled_reason']}"
+              for e in doc["endpoints"] if e.get("status") == "failed" and e.get("disabled_reason")]
     return "\n".join(lines)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 #: stable ``X-Idempotency-Key`` computed in SQL.
 CLAIM_DELIVERIES = """
 SELECT delivery_id, event_id, event_type, endpoint_id, url, secret, attempt,
-       timeout_ms, payload, idempotency_key
+       timeout_ms, payload, idempotency_key, kind
   FROM barnum.claim_deliveries_text($1, $2, $3::interval)
 """
 
@@ -111,6 +111,10 @@ ENDPOINT_ADD = "SELECT barnum.endpoint_add($1, $2, $3, $4::text[], $5, $6, $7)::
 #: calls it with allow_http = true after a refusal to learn whether plain
 #: http was the reason (and then names --allow-http).
 CHECK_RECEIVER_URL = "SELECT barnum.check_receiver_url($1, $2)"
+
+#: Add a native WhatsApp sender: name, phone_number_id, token env name,
+#: Graph base URL, account, event_types text[], templates jsonb, allow_http.
+ENDPOINT_ADD_WHATSAPP = "SELECT barnum.endpoint_add_whatsapp($1, $2, $3, $4, $5, $6::text[], $7::jsonb, $8)::text"
 
 #: All endpoints as a jsonb array (secrets never leave the database here).
 ENDPOINT_LIST = "SELECT barnum.endpoint_list()::text"

@@ -439,18 +439,36 @@ class Deliverer:
         self._keys[secret] = key
         return key
 
-    async def _deliver(self, row: Any) -> dict[str, Any] | None:
-        event_id = str(row["event_id"])
+    def _request(self, row: Any) -> tuple[bytes, dict[str, str]] | HttpResult:
+        """Body and headers of one delivery, or why it cannot be sent."""
+        if row["payload"] is None:
+            return HttpResult(None, None, None, FINAL_ERROR_PREFIX + "nothing to send for this event", 0)
+        body: bytes = row["payload"].encode()
+        if row.get("kind") == "whatsapp_cloud":
+            # The Graph API: the access token stays in the relay's
+            # environment; the endpoint's secret names the variable.
+            name = row["secret"] or "WHATSAPP_TOKEN"
+            token = os.environ.get(name, "").strip()
+            if not token:
+                return HttpResult(None, None, None,
+                                  FINAL_ERROR_PREFIX + f"{name} is not set in the relay's environment", 0)
+            return body, {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
         key = self._key(row["secret"])
         if key is None:
-            result = HttpResult(None, None, None,
-                                FINAL_ERROR_PREFIX + "the endpoint's secret is not valid (whsec_ needs base64)", 0)
+            return HttpResult(None, None, None,
+                              FINAL_ERROR_PREFIX + "the endpoint's secret is not valid (whsec_ needs base64)", 0)
+        return body, outbound_headers(
+            key, body, event_id=str(row["event_id"]), event_type=row["event_type"],
+            idempotency_key=row["idempotency_key"],
+        )
+
+    async def _deliver(self, row: Any) -> dict[str, Any] | None:
+        event_id = str(row["event_id"])
+        request = self._request(row)
+        if isinstance(request, HttpResult):
+            result = request
         else:
-            body = row["payload"].encode()
-            headers = outbound_headers(
-                key, body, event_id=event_id, event_type=row["event_type"],
-                idempotency_key=row["idempotency_key"],
-            )
+            body, headers = request
             async with self.semaphore:
                 if self.stopping:
                     # Shutting down: a request not yet started is not in

@@ -318,3 +318,8 @@ AS $$
                 THEN regexp_replace(normalize(p_text, NFD), '[\u0300-\u036f]', '', 'g')
                 ELSE p_text END
 $$;
+
+-- The digits of a phone number (WhatsApp ids are digits only).
+CREATE OR REPLACE FUNCTION barnum.digits(p_text text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT nullif(regexp_replace(coalesce(p_text, ''), '[^0-9]', '', 'g'), '') $$;

@@ -406,7 +406,9 @@ AS $$
         'status', ep.status, 'failure_count', ep.failure_count, 'last_error', ep.last_error,
         'disabled_reason', ep.metadata ->> 'disabled_reason',
         'account', (SELECT a.name FROM barnum.accounts a WHERE a.id = ep.account_id),
-        'phone_number', ep.phone_number,
+        'phone_number', ep.phone_number, 'kind', ep.kind,
+        'token_env', CASE WHEN ep.kind = 'whatsapp_cloud' THEN ep.secret END,
+        'templates', CASE WHEN ep.kind = 'whatsapp_cloud' THEN ep.config -> 'templates' END,
         'max_attempts', ep.max_attempts, 'timeout_ms', ep.timeout_ms,
         'created_at', ep.created_at, 'updated_at', ep.updated_at)
       FROM (SELECT barnum.url_parts(ep.url) ->> 'problem' AS problem) p

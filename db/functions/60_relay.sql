@@ -20,10 +20,20 @@ $$;
 -- (skipped with the reason, or dead when a reclaimed lease was the final
 -- attempt), one INSERT mints every action token of the batch, one SELECT
 -- renders every payload.  (A row-at-a-time loop cost ~0.5 ms a delivery.)
+-- 0007 added the endpoint's kind to the claim's rows: the older shape is
+-- dropped once (a changed result type cannot be replaced in place).
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_proc WHERE oid = to_regprocedure('barnum.claim_deliveries_text(text, int, interval)')
+                                       AND NOT 'kind' = ANY (proargnames)) THEN
+        DROP FUNCTION barnum.claim_deliveries_text(text, int, interval);
+    END IF;
+END $$;
+
 CREATE OR REPLACE FUNCTION barnum.claim_deliveries_text(
     p_worker text, p_limit int DEFAULT 50, p_lease interval DEFAULT '60 seconds')
 RETURNS TABLE (delivery_id bigint, event_id uuid, event_type text, endpoint_id uuid, url text,
-               secret text, attempt int, timeout_ms int, payload text, idempotency_key text)
+               secret text, attempt int, timeout_ms int, payload text, idempotency_key text, kind text)
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = barnum, pg_temp
 -- The statements are big and their shape never changes: a generic plan
@@ -34,6 +44,7 @@ AS $$
 DECLARE
     v_now timestamptz := barnum.clock();
     v_tz text;
+    v_locale text;
     v_base text;
     v_ttl interval;
     v_max int;
@@ -93,6 +104,7 @@ BEGIN
     END IF;
 
     v_tz := barnum.setting_text('timezone');
+    v_locale := barnum.setting_text('locale');
     v_base := barnum.public_base_url();
     v_ttl := barnum.setting_interval('token_ttl');
     v_max := barnum.setting_int('max_attempts');
@@ -113,6 +125,10 @@ BEGIN
                           THEN 'patient has a future appointment' END,
                      CASE WHEN w.id IS NOT NULL AND w.status NOT IN ('pending', 'sent')
                           THEN format('workflow %s', w.status) END)
+                 -- The native sender sends WhatsApp messages only.
+                 WHEN ep.kind = 'whatsapp_cloud' AND e.event_type NOT LIKE 'appointment.%'
+                      AND e.event_type NOT IN ('patient.reactivation', 'message.send')
+                   THEN format('%s is no WhatsApp message (whatsapp_cloud endpoint)', e.event_type)
                  -- Other entities (endpoint.disabled, …) carry their data in the event.
                  WHEN e.entity_type <> 'appointment' THEN NULL
                  WHEN a.id IS NULL THEN 'appointment not found'
@@ -194,14 +210,19 @@ BEGIN
           FROM toks
     ), links AS (
         SELECT toks.d_id,
-               jsonb_object_agg(toks.lt, v_base || '/api/action?type=' || toks.lt || '&token=' || toks.tok) AS l
+               jsonb_object_agg(toks.lt, v_base || '/api/action?type=' || toks.lt || '&token=' || toks.tok) AS l,
+               jsonb_object_agg(toks.lt, toks.tok) AS t
           FROM toks GROUP BY toks.d_id
     )
     SELECT c.d_id, (c.ev).id, (c.ev).event_type, c.ep_id,
            replace(ep.url, '{event_type}', (c.ev).event_type), ep.secret, c.d_attempt, ep.timeout_ms,
-           barnum.event_payload(c.ev, barnum.appointment_doc(c.ap, ap_p, pr.name, sp.name, v_tz),
-                                barnum.patient_doc(pp, v_tz), links.l)::text,
-           (c.ev).id || '-' || extract(epoch FROM (c.ev).created_at)::bigint
+           CASE WHEN ep.kind = 'whatsapp_cloud'
+                THEN barnum.wa_cloud_payload(c.ev, barnum.appointment_doc(c.ap, ap_p, pr.name, sp.name, v_tz),
+                                             barnum.patient_doc(pp, v_tz), links.t, ep.config, v_locale)
+                ELSE barnum.event_payload(c.ev, barnum.appointment_doc(c.ap, ap_p, pr.name, sp.name, v_tz),
+                                          barnum.patient_doc(pp, v_tz), links.l) END::text,
+           (c.ev).id || '-' || extract(epoch FROM (c.ev).created_at)::bigint,
+           ep.kind
       FROM c
       JOIN barnum.webhook_endpoints ep ON ep.id = c.ep_id
       LEFT JOIN links ON links.d_id = c.d_id
@@ -255,6 +276,7 @@ DECLARE
     touched uuid[];
     sick uuid[];
     gone uuid[];
+    wa jsonb;
 BEGIN
     IF p_results IS NULL OR jsonb_typeof(p_results) <> 'array' THEN
         PERFORM barnum.fail('BN400', 'results must be a JSON array');
@@ -282,23 +304,30 @@ BEGIN
         UPDATE barnum.webhook_deliveries d
            SET status = CASE
                    WHEN x.ok THEN 'sent'
-                   WHEN coalesce(x.retryable, false) AND d.attempts < coalesce(ep.max_attempts, v_max) THEN 'pending'
+                   WHEN g.retry AND d.attempts < coalesce(ep.max_attempts, v_max) THEN 'pending'
                    ELSE 'dead_letter' END,
                next_attempt_at = CASE
-                   WHEN NOT x.ok AND coalesce(x.retryable, false) AND d.attempts < coalesce(ep.max_attempts, v_max)
+                   WHEN NOT x.ok AND g.retry AND d.attempts < coalesce(ep.max_attempts, v_max)
                    THEN v_now + greatest(barnum.backoff_interval(d.attempts, v_base, v_cap),
                                          make_interval(secs => least(greatest(coalesce(x.retry_after_seconds, 0), 0), 86400)))
                    ELSE d.next_attempt_at END,
                locked_by = NULL, locked_until = NULL,
                last_http_status = x.http_status,
                last_error = CASE WHEN x.ok THEN NULL
-                                 ELSE left(coalesce(x.error, 'HTTP ' || x.http_status, 'failed'), 2000) END,
+                                 ELSE left(coalesce(g.graph_error, x.error, 'HTTP ' || x.http_status, 'failed'), 2000) END,
                delivered_at = CASE WHEN x.ok THEN v_now END
-          FROM x, barnum.webhook_endpoints ep
+          FROM x, barnum.webhook_endpoints ep,
+               -- The Graph API's own error (native sender): some codes are
+               -- worth a retry whatever the HTTP status says.
+               LATERAL (SELECT coalesce(x.retryable, false) OR ep.kind = 'whatsapp_cloud' AND NOT x.ok
+                                   AND barnum.graph_retryable(barnum.graph_code(x.response_body)) AS retry,
+                               CASE WHEN ep.kind = 'whatsapp_cloud' AND NOT x.ok
+                                    THEN barnum.graph_error_text(x.response_body) END AS graph_error) g
          WHERE d.id = x.delivery_id AND d.attempts = x.attempt AND d.status = 'processing'
            AND ep.id = d.endpoint_id
         RETURNING d.id, d.event_id, d.endpoint_id, d.status, d.last_error, x.ok, x.attempt, x.duration_ms,
-                  x.http_status, left(x.response_body, 4096) AS response_body, left(x.error, 2000) AS error
+                  x.http_status, left(x.response_body, 4096) AS response_body, left(x.error, 2000) AS error,
+                  ep.kind
     ), audit AS (
         INSERT INTO barnum.webhook_attempts (delivery_id, attempt, started_at, duration_ms, http_status, response_body, error)
         SELECT upd.id, upd.attempt, v_now - make_interval(secs => coalesce(upd.duration_ms, 0) / 1000.0),
@@ -337,14 +366,20 @@ BEGIN
              WHERE health.status = 'active'
                AND (health.gone OR health.failure_count >= v_threshold
                     OR health.failing_since < v_now - v_disable_after)),
-           (SELECT array_agg(health.id) FROM health WHERE health.gone)
-      INTO n, touched, sick, gone;
+           (SELECT array_agg(health.id) FROM health WHERE health.gone),
+           (SELECT jsonb_agg(jsonb_build_object('event_id', upd.event_id, 'endpoint_id', upd.endpoint_id,
+                                                'ok', upd.ok, 'body', upd.response_body))
+              FROM upd WHERE upd.kind = 'whatsapp_cloud')
+      INTO n, touched, sick, gone, wa;
 
     IF touched IS NOT NULL THEN
         PERFORM barnum.refresh_events(touched);
     END IF;
     IF sick IS NOT NULL THEN
         PERFORM barnum.disable_failed_endpoints(sick, coalesce(gone, '{}'), v_threshold);
+    END IF;
+    IF wa IS NOT NULL THEN
+        PERFORM barnum.record_whatsapp_sends(wa);
     END IF;
     RETURN n;
 END
@@ -380,6 +415,85 @@ BEGIN
            barnum.setting_int('max_attempts') - 1
       FROM off;
 END
+$$;
+
+-- What the native sender learnt from the Graph API: the wamid of a sent
+-- message goes on its messages row (so status webhooks find it), an
+-- appointment message gets its row; error 190 (the access token expired or
+-- was revoked) switches the endpoint off at once — no message can leave
+-- until an operator fixes the token.
+CREATE OR REPLACE FUNCTION barnum.record_whatsapp_sends(p_results jsonb) RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    r jsonb;
+    e barnum.whatsapp_events;
+    wamid text;
+    v_phone text;
+    c barnum.contacts;
+    expired uuid[];
+BEGIN
+    FOR r IN SELECT x FROM jsonb_array_elements(p_results) x LOOP
+        IF NOT (r ->> 'ok')::boolean THEN
+            IF barnum.graph_code(r ->> 'body') = 190 THEN
+                expired := array_append(expired, (r ->> 'endpoint_id')::uuid);
+            END IF;
+            CONTINUE;
+        END IF;
+        wamid := barnum.try_jsonb(r ->> 'body') #>> '{messages,0,id}';
+        IF wamid IS NULL THEN
+            CONTINUE;
+        END IF;
+        SELECT * INTO e FROM barnum.whatsapp_events WHERE id = (r ->> 'event_id')::uuid;
+        IF e.event_type = 'message.send' THEN
+            UPDATE barnum.messages SET wa_message_id = wamid, status_updated_at = barnum.clock()
+             WHERE id = e.entity_id AND wa_message_id IS NULL;
+            CONTINUE;
+        END IF;
+        SELECT phone INTO v_phone FROM barnum.patients
+         WHERE id = CASE WHEN e.entity_type = 'patient' THEN e.entity_id
+                         ELSE (SELECT patient_id FROM barnum.appointments WHERE id = e.entity_id) END;
+        IF barnum.digits(v_phone) IS NULL THEN
+            CONTINUE;
+        END IF;
+        c := barnum.find_or_create_contact(e.account_id, barnum.digits(v_phone), NULL);
+        INSERT INTO barnum.messages (account_id, wa_message_id, contact_id, direction, type, content, payload,
+                                     status, status_updated_at)
+        VALUES (e.account_id, wamid, c.id, 'outbound', 'appointment', e.event_type,
+                jsonb_build_object('event_id', e.id, 'event_type', e.event_type), 'pending', barnum.clock())
+        ON CONFLICT (wa_message_id) DO NOTHING;
+    END LOOP;
+    IF expired IS NOT NULL THEN
+        UPDATE barnum.webhook_endpoints
+           SET status = 'failed',
+               metadata = metadata || jsonb_build_object(
+                   'disabled_reason', 'the WhatsApp access token expired or was revoked (Graph API error 190): '
+                                      || 'set a new one in ' || coalesce(secret, 'WHATSAPP_TOKEN')
+                                      || ' and enable the endpoint',
+                   'disabled_at', barnum.clock())
+         WHERE id = ANY (expired) AND status = 'active';
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION barnum.graph_code(p_body text) RETURNS int
+LANGUAGE sql IMMUTABLE
+AS $$
+    SELECT CASE WHEN jsonb_typeof(j #> '{error,code}') = 'number' THEN (j #>> '{error,code}')::numeric::int END
+      FROM (SELECT barnum.try_jsonb(p_body) AS j) x
+$$;
+
+CREATE OR REPLACE FUNCTION barnum.graph_error_text(p_body text) RETURNS text
+LANGUAGE sql IMMUTABLE
+AS $$
+    SELECT CASE WHEN j ? 'error' THEN format('Graph API error %s: %s%s', j #>> '{error,code}',
+                                             coalesce(j #>> '{error,error_data,details}', j #>> '{error,message}', ''),
+                                             CASE j #>> '{error,code}'
+                                                 WHEN '131047' THEN ' (more than 24 hours since the patient wrote: send a template)'
+                                                 WHEN '131026' THEN ' (the number cannot receive WhatsApp messages)'
+                                                 WHEN '190' THEN ' (the access token expired or was revoked)'
+                                                 ELSE '' END) END
+      FROM (SELECT barnum.try_jsonb(p_body) AS j) x
 $$;
 
 -- Graceful shutdown: hand a worker's unfinished claims back, due at once.

@@ -13,10 +13,6 @@ AS $$
                          WHEN 'failed' THEN 4 ELSE 0 END
 $$;
 
-CREATE OR REPLACE FUNCTION barnum.digits(p_text text) RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$ SELECT nullif(regexp_replace(coalesce(p_text, ''), '[^0-9]', '', 'g'), '') $$;
-
 -- Meta's unix-seconds string as a time (NULL when absent or absurd).
 CREATE OR REPLACE FUNCTION barnum.wa_time(p_value jsonb) RETURNS timestamptz
 LANGUAGE sql IMMUTABLE

@@ -37,6 +37,66 @@ BEGIN
 END
 $$;
 
+-- The native sender: an endpoint of kind whatsapp_cloud posting to the
+-- Graph API's /{phone_number_id}/messages.  The access token is never
+-- stored: p_token_env names the relay's environment variable holding it.
+-- p_templates: event type → {"name", "language"} of an approved template
+-- (needed outside the 24-hour window), body parameters {{1}} first name,
+-- {{2}} date, {{3}} time, {{4}} professional; quick-reply buttons
+-- confirm / cancel / reschedule in that order.
+CREATE OR REPLACE FUNCTION barnum.endpoint_add_whatsapp(
+    p_name text, p_phone_number_id text, p_token_env text DEFAULT 'WHATSAPP_TOKEN',
+    p_graph_url text DEFAULT 'https://graph.facebook.com/v21.0', p_account text DEFAULT 'default',
+    p_event_types text[] DEFAULT '{appointment.*,patient.reactivation,message.send}',
+    p_templates jsonb DEFAULT '{}', p_allow_http boolean DEFAULT false)
+RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = barnum, pg_temp
+AS $$
+DECLARE
+    ep barnum.webhook_endpoints;
+    v_url text;
+    bad text;
+BEGIN
+    PERFORM barnum.check_endpoint_name(p_name);
+    IF p_phone_number_id IS NULL OR p_phone_number_id !~ '^[0-9]{1,32}$' THEN
+        PERFORM barnum.fail('BN422', format('phone_number_id must be the digits Meta shows for the number, got %L',
+                                            p_phone_number_id), '{"field": "phone_number_id"}');
+    END IF;
+    IF p_token_env IS NULL OR p_token_env !~ '^[A-Z_][A-Z0-9_]{0,63}$' THEN
+        PERFORM barnum.fail('BN422', format('the token variable must be an environment variable name such as WHATSAPP_TOKEN, got %L',
+                                            p_token_env), '{"field": "token_env"}');
+    END IF;
+    IF p_graph_url IS NULL OR p_graph_url ~ '[?#]' THEN
+        PERFORM barnum.fail('BN422', 'the Graph API base URL must be like https://graph.facebook.com/v21.0',
+                            '{"field": "graph_url"}');
+    END IF;
+    v_url := rtrim(p_graph_url, '/') || '/' || p_phone_number_id || '/messages';
+    PERFORM barnum.check_receiver_url(v_url, p_allow_http);
+    PERFORM barnum.check_event_patterns(p_event_types);
+    IF jsonb_typeof(p_templates) IS DISTINCT FROM 'object' THEN
+        PERFORM barnum.fail('BN422', 'templates must be an object: event type → {"name", "language"}', '{"field": "templates"}');
+    END IF;
+    SELECT k INTO bad FROM jsonb_each(p_templates) AS t(k, v)
+     WHERE NOT k = ANY (barnum.known_event_types()) OR jsonb_typeof(v -> 'name') IS DISTINCT FROM 'string'
+        OR coalesce(v ->> 'name', '') !~ '^[a-z0-9_]+$' OR length(v ->> 'name') > 512 OR coalesce(v ->> 'language', 'pt_PT') !~ '^[a-z]{2,3}(_[A-Z]{2})?$'
+     LIMIT 1;
+    IF bad IS NOT NULL THEN
+        PERFORM barnum.fail('BN422', format('template for %s: a known event type, a name (a-z, 0-9, _) and a language such as pt_PT', bad),
+                            '{"field": "templates"}');
+    END IF;
+    IF EXISTS (SELECT 1 FROM barnum.webhook_endpoints WHERE name = p_name) THEN
+        PERFORM barnum.fail('BN409', format('endpoint %L already exists', p_name));
+    END IF;
+    INSERT INTO barnum.webhook_endpoints (name, url, secret, event_types, kind, config, account_id)
+    VALUES (p_name, v_url, p_token_env, p_event_types, 'whatsapp_cloud',
+            jsonb_build_object('phone_number_id', p_phone_number_id, 'templates', p_templates),
+            barnum.account_id_by_name(p_account))
+    RETURNING * INTO ep;
+    RETURN barnum.endpoint_json(ep);
+END
+$$;
+
 CREATE OR REPLACE FUNCTION barnum.endpoint_list() RETURNS jsonb
 LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = barnum, pg_temp
@@ -131,6 +191,8 @@ AS $$
         'endpoints', (
             SELECT coalesce(jsonb_agg(jsonb_build_object(
                        'name', ep.name, 'url', barnum.url_display(ep.url), 'is_active', ep.is_active,
+                       'status', ep.status, 'kind', ep.kind,
+                       'disabled_reason', ep.metadata ->> 'disabled_reason',
                        'url_ok', (barnum.url_parts(ep.url) ->> 'problem') IS NULL,
                        'attempts_last_hour', coalesce(h.total, 0),
                        'succeeded_last_hour', coalesce(h.ok, 0),

@@ -113,6 +113,13 @@ class _GraphHandler(BaseHTTPRequestHandler):
         except ValueError:
             self._reply(400, {"error": {"message": "body is not JSON", "code": 100}})
             return
+        scripted = fake.errors_for.get(str(body.get("to")))
+        if scripted is not None:
+            status, code, message = scripted
+            self._reply(status, {"error": {"message": message, "type": "OAuthException", "code": code,
+                                           "error_data": {"messaging_product": "whatsapp", "details": message},
+                                           "fbtrace_id": "AbCdEf"}})
+            return
         problems = fake.validate(body)
         if problems:
             with fake.lock:
@@ -140,6 +147,8 @@ class FakeGraphAPI(_Server):
         self.invalid: list[tuple[dict[str, Any], list[str]]] = []
         self.unauthorized = 0
         self.counter = itertools.count(1)
+        #: recipient → (HTTP status, Graph error code, message) answered instead of sending.
+        self.errors_for: dict[str, tuple[int, int, str]] = {}
 
     @property
     def graph_base_url(self) -> str:
@@ -180,6 +189,22 @@ class FakeGraphAPI(_Server):
                         problems.append("row title ≤ 24, id ≤ 200")
             else:
                 problems.append(f"unsupported interactive type {inter.get('type')!r}")
+        elif kind == "template":
+            tpl = body.get("template", {})
+            if not tpl.get("name") or not tpl.get("language", {}).get("code"):
+                problems.append("template needs a name and language.code")
+            for comp in tpl.get("components", []):
+                if comp.get("type") == "button":
+                    if comp.get("sub_type") != "quick_reply" or not str(comp.get("index", "")).isdigit():
+                        problems.append("template buttons: sub_type quick_reply and an index")
+                    for p in comp.get("parameters", []):
+                        if p.get("type") != "payload" or not p.get("payload") or len(p["payload"]) > 256:
+                            problems.append("quick_reply parameters: a payload of 1–256 characters")
+                elif comp.get("type") == "body":
+                    if not all(p.get("type") == "text" and p.get("text") for p in comp.get("parameters", [])):
+                        problems.append("body parameters: non-empty text")
+                else:
+                    problems.append(f"unsupported template component {comp.get('type')!r}")
         else:
             problems.append(f"unsupported type {kind!r}")
         return problems
