@@ -82,6 +82,16 @@ def setup_logging() -> None:
 # ------------------------------------------------------------------ migrate
 
 
+def _lock_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 3600 seconds, got {text}")
+    return value
+
+
 def _configure_migrate(p: argparse.ArgumentParser) -> None:
     add_database_url(p)
     p.add_argument("--status", action="store_true", help="list applied / pending files and exit")
@@ -90,6 +100,13 @@ def _configure_migrate(p: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         help="project directory holding db/ (default: this checkout)",
+    )
+    p.add_argument(
+        "--lock-timeout",
+        type=_lock_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="give up (changing nothing) when a lock is not granted within this time (default: 5)",
     )
 
 
@@ -112,7 +129,7 @@ def _run_migrate(args: argparse.Namespace) -> int:
         def progress(kind: str, filename: str) -> None:
             print(f"applying {kind} {filename}", flush=True)
 
-        report = m.migrate(url, root, progress=progress)
+        report = m.migrate(url, root, progress=progress, lock_timeout=args.lock_timeout)
     except m.MigrationError as exc:
         return fail("migrate", str(exc))
     print(f"barnum migrate: {report.summary()}")

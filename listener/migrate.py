@@ -7,8 +7,16 @@
 * ``db/functions/NN_name.sql`` — repeatable (``CREATE OR REPLACE``), tracked in
   ``barnum.schema_functions``.  When any migration was applied or any function
   file is new or changed, *every* function file is re-applied in name order,
-  each in its own transaction: later files may depend on earlier ones (the last
-  one holds the grants), and a migration may have dropped what they created.
+  all in ONE transaction: later files may depend on earlier ones (the last
+  one holds the grants), a migration may have dropped what they created, and
+  a failure part-way must not leave a mix of old and new functions.
+* Every transaction runs with ``lock_timeout`` (``--lock-timeout``, default
+  5 s): on a live database a DDL statement waiting behind a long transaction
+  would otherwise queue every other query on that table behind itself.  A
+  timeout changes nothing and says so; run again.
+* A migration whose first line is ``-- barnum:no-transaction`` runs outside a
+  transaction, one statement at a time (for ``CREATE INDEX CONCURRENTLY``):
+  its statements end with ``;`` at the end of a line and hold no ``$$`` body.
 * A session-level advisory lock serialises concurrent runs; a second run with
   nothing changed is a no-op.
 
@@ -279,17 +287,41 @@ def _check_applied(
     return [f for f in files if f.version not in applied]
 
 
-def _apply(conn: Connection, f: SqlFile, record: sql.Composed) -> None:
-    """Run one file and its bookkeeping in one transaction."""
+#: Default of ``--lock-timeout`` (seconds).
+LOCK_TIMEOUT = 5.0
+
+NO_TRANSACTION_MARK = "-- barnum:no-transaction"
+
+
+def _lock_timeout_sql(seconds: float) -> bytes:
+    return f"SET LOCAL lock_timeout = '{max(1, int(seconds * 1000))}ms'".encode()
+
+
+def _error(f: SqlFile, text: str, exc: psycopg.Error, lock_timeout: float) -> MigrationError:
+    if isinstance(exc, psycopg.errors.LockNotAvailable):
+        return MigrationError(
+            f"{f.kind} {f.filename}: could not take a lock within {lock_timeout:g} s (a transaction still "
+            "uses the table); nothing of this run was changed — run barnum migrate again, or give it "
+            "longer with --lock-timeout")
+    return MigrationError(_describe_error(f, text, exc))
+
+
+def _apply(conn: Connection, f: SqlFile, record: sql.Composed, lock_timeout: float = LOCK_TIMEOUT) -> None:
+    """Run one migration and its bookkeeping in one transaction (or, marked
+    ``-- barnum:no-transaction``, statement by statement)."""
     text = f.text()
+    if text.lstrip().startswith(NO_TRANSACTION_MARK):
+        _apply_outside_transaction(conn, f, text, record, lock_timeout)
+        return
     try:
         with conn.transaction():
+            conn.execute(_lock_timeout_sql(lock_timeout))
             # No parameters: psycopg sends this with the simple query protocol,
             # so the file may contain many statements.
             conn.execute(text.encode("utf-8"), prepare=False)
             conn.execute(record)
     except psycopg.Error as exc:
-        raise MigrationError(_describe_error(f, text, exc)) from exc
+        raise _error(f, text, exc, lock_timeout) from exc
     finally:
         # A plain SET in a file outlives its transaction; don't let it leak
         # into the next file (the advisory lock is not a setting: it stays).
@@ -297,7 +329,81 @@ def _apply(conn: Connection, f: SqlFile, record: sql.Composed) -> None:
             conn.execute(_SESSION_RESET)
 
 
-def migrate(dsn: str, root: Path | None = None, *, progress: Progress | None = None) -> MigrateReport:
+def _statements(text: str) -> list[str]:
+    """The statements of a no-transaction migration: each ends with ';' at
+    the end of a line (no $$ bodies in such files)."""
+    out: list[str] = []
+    current: list[str] = []
+    for line in text.splitlines():
+        if not current and (not line.strip() or line.strip().startswith("--")):
+            continue
+        current.append(line)
+        if line.rstrip().endswith(";"):
+            out.append("\n".join(current))
+            current = []
+    if any(line.strip() and not line.strip().startswith("--") for line in current):
+        out.append("\n".join(current))
+    return out
+
+
+def _apply_outside_transaction(
+    conn: Connection, f: SqlFile, text: str, record: sql.Composed, lock_timeout: float
+) -> None:
+    """Each statement on its own (autocommit); recorded once all succeeded,
+    so a failure leaves the file pending (write it to be re-runnable: IF NOT
+    EXISTS, DROP INDEX CONCURRENTLY IF EXISTS of an invalid leftover)."""
+    statements = _statements(text)
+    if not statements:
+        raise MigrationError(f"migration {f.filename}: no statement after {NO_TRANSACTION_MARK}")
+    try:
+        # The connection is in autocommit mode: each statement commits alone.
+        conn.execute(f"SET lock_timeout = '{max(1, int(lock_timeout * 1000))}ms'".encode())
+        for statement in statements:
+            conn.execute(statement.encode("utf-8"), prepare=False)
+        with conn.transaction():
+            conn.execute(record)
+    except psycopg.Error as exc:
+        raise _error(f, text, exc, lock_timeout) from exc
+    finally:
+        if not conn.closed and not conn.broken:
+            conn.execute(_SESSION_RESET)
+
+
+def _apply_functions(
+    conn: Connection, functions: list[SqlFile], lock_timeout: float, progress: Progress | None
+) -> list[str]:
+    """Every function file and its bookkeeping in ONE transaction: all new,
+    or (on any error, a lock timeout included) all as before."""
+    applied: list[str] = []
+    current: SqlFile | None = None
+    text = ""
+    try:
+        with conn.transaction():
+            for f in functions:
+                current, text = f, f.text()
+                if progress is not None:
+                    progress("function", f.filename)
+                # Settings a file makes (SET …) end with the file.
+                conn.execute(_SESSION_RESET.encode() + b"; " + _lock_timeout_sql(lock_timeout))
+                conn.execute(text.encode("utf-8"), prepare=False)
+                conn.execute(sql.SQL(
+                    "INSERT INTO barnum.schema_functions (name, checksum, applied_at) "
+                    "VALUES ({0}, {1}, now()) ON CONFLICT (name) DO UPDATE "
+                    "SET checksum = EXCLUDED.checksum, applied_at = EXCLUDED.applied_at"
+                ).format(sql.Literal(f.name), sql.Literal(f.checksum)))
+                applied.append(f.filename)
+    except psycopg.Error as exc:
+        assert current is not None
+        raise _error(current, text, exc, lock_timeout) from exc
+    finally:
+        if not conn.closed and not conn.broken:
+            conn.execute(_SESSION_RESET)
+    return applied
+
+
+def migrate(
+    dsn: str, root: Path | None = None, *, progress: Progress | None = None, lock_timeout: float = LOCK_TIMEOUT
+) -> MigrateReport:
     """Apply pending migrations, then (re-)apply function files; see module doc."""
     migrations = migration_files(root)
     functions = function_files(root)
@@ -317,7 +423,7 @@ def migrate(dsn: str, root: Path | None = None, *, progress: Progress | None = N
                     # them stale in the same transaction so a failure between
                     # here and there is repaired by the next run.
                     "UPDATE barnum.schema_functions SET checksum = NULL"
-                ).format(sql.Literal(f.version), sql.Literal(f.name), sql.Literal(f.checksum)))
+                ).format(sql.Literal(f.version), sql.Literal(f.name), sql.Literal(f.checksum)), lock_timeout)
                 report.applied_migrations.append(f.filename)
 
             recorded = _applied_functions(conn)
@@ -325,15 +431,7 @@ def migrate(dsn: str, root: Path | None = None, *, progress: Progress | None = N
                 recorded.get(f.name) != f.checksum for f in functions
             )
             if stale:
-                for f in functions:
-                    if progress is not None:
-                        progress("function", f.filename)
-                    _apply(conn, f, sql.SQL(
-                        "INSERT INTO barnum.schema_functions (name, checksum, applied_at) "
-                        "VALUES ({0}, {1}, now()) ON CONFLICT (name) DO UPDATE "
-                        "SET checksum = EXCLUDED.checksum, applied_at = EXCLUDED.applied_at"
-                    ).format(sql.Literal(f.name), sql.Literal(f.checksum)))
-                    report.applied_functions.append(f.filename)
+                report.applied_functions.extend(_apply_functions(conn, functions, lock_timeout, progress))
             gone = sorted(set(recorded) - {f.name for f in functions})
             if gone:
                 conn.execute(

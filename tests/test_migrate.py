@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import psycopg
@@ -352,3 +353,55 @@ def test_repo_db_migrates_on_a_fresh_database_and_reruns_as_noop(empty_db_url: s
     second = migrate(empty_db_url, REPO_ROOT)
     assert second.noop, second.summary()
     assert {s for _, _, s in status(empty_db_url, REPO_ROOT)} == {"applied"}
+
+
+# ------------------------------------------------------------------ safe deploys (issue 18)
+
+
+def test_function_files_apply_all_or_nothing_within_the_lock_timeout(empty_db_url: str, root: Path) -> None:
+    write_tree(root, {"0003_t.sql": "CREATE TABLE barnum.busy (id int);"},
+               {"30_trg.sql": "CREATE OR REPLACE FUNCTION barnum.t() RETURNS trigger LANGUAGE plpgsql AS "
+                              "$$ BEGIN RETURN NEW; END $$;\n"
+                              "CREATE OR REPLACE TRIGGER trg_busy BEFORE INSERT ON barnum.busy "
+                              "FOR EACH ROW EXECUTE FUNCTION barnum.t();"})
+    migrate(empty_db_url, root)
+    before = q(empty_db_url, "SELECT name, checksum FROM barnum.schema_functions ORDER BY name")
+    # A new version of an earlier file, and a trigger that needs the table's lock.
+    (root / "db/functions/20_b.sql").write_text(F20.replace("+ 1", "+ 5"))
+    with psycopg.connect(empty_db_url) as holder:
+        holder.execute("LOCK TABLE barnum.busy IN ACCESS EXCLUSIVE MODE")  # a long transaction
+        started = time.monotonic()
+        with pytest.raises(MigrationError) as info:
+            migrate(empty_db_url, root, lock_timeout=0.3)
+        assert time.monotonic() - started < 10, "the lock timeout bounds the wait"
+        holder.rollback()
+    message = str(info.value)
+    assert "30_trg.sql" in message and "lock within 0.3 s" in message and "nothing" in message
+    # All or nothing: the earlier file's new version did not stay behind.
+    assert q(empty_db_url, "SELECT barnum.two()") == [(2,)]
+    assert q(empty_db_url, "SELECT name, checksum FROM barnum.schema_functions ORDER BY name") == before
+    # With the lock free, the same run goes through.
+    assert migrate(empty_db_url, root).applied_functions == ["10_a.sql", "20_b.sql", "30_trg.sql"]
+    assert q(empty_db_url, "SELECT barnum.two()") == [(6,)]
+
+
+def test_a_no_transaction_migration_can_build_an_index_concurrently(empty_db_url: str, root: Path) -> None:
+    migrate(empty_db_url, root)
+    write_tree(root, {"0003_idx.sql": "-- barnum:no-transaction\n"
+                                      "-- a big table: build the index without blocking writes\n"
+                                      "CREATE TABLE IF NOT EXISTS barnum.big (id int);\n"
+                                      "CREATE INDEX CONCURRENTLY IF NOT EXISTS big_id_idx\n"
+                                      "    ON barnum.big (id);\n"})
+    report = migrate(empty_db_url, root)
+    assert report.applied_migrations == ["0003_idx.sql"]
+    assert q(empty_db_url, "SELECT indisvalid FROM pg_index WHERE indexrelid = 'barnum.big_id_idx'::regclass") == [(True,)]
+    assert migrate(empty_db_url, root).noop
+    # In a transaction the same file would fail: CONCURRENTLY cannot run inside one.
+    write_tree(root, {"0004_bad.sql": "CREATE INDEX CONCURRENTLY big_id2_idx ON barnum.big (id);"})
+    with pytest.raises(MigrationError, match="0004_bad.sql"):
+        migrate(empty_db_url, root)
+
+
+def test_cli_lock_timeout_flag_is_checked(empty_db_url: str) -> None:
+    done = run_cli("migrate", "--lock-timeout", "0", env={"DATABASE_URL": empty_db_url})
+    assert done.returncode == 2 and "--lock-timeout" in done.stderr
