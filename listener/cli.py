@@ -108,6 +108,11 @@ def _configure_migrate(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="give up (changing nothing) when a lock is not granted within this time (default: 5)",
     )
+    p.add_argument(
+        "--drop-removed-now",
+        action="store_true",
+        help="drop functions no file defines any more at once, not after the 1-day grace",
+    )
 
 
 def _run_migrate(args: argparse.Namespace) -> int:
@@ -129,7 +134,8 @@ def _run_migrate(args: argparse.Namespace) -> int:
         def progress(kind: str, filename: str) -> None:
             print(f"applying {kind} {filename}", flush=True)
 
-        report = m.migrate(url, root, progress=progress, lock_timeout=args.lock_timeout)
+        report = m.migrate(url, root, progress=progress, lock_timeout=args.lock_timeout,
+                           drop_removed_now=args.drop_removed_now)
     except m.MigrationError as exc:
         return fail("migrate", str(exc))
     print(f"barnum migrate: {report.summary()}")

@@ -57,6 +57,12 @@ CREATE TABLE IF NOT EXISTS barnum.schema_functions (
     checksum   text,
     applied_at timestamptz
 );
+-- Functions no function file defines any more, kept for a grace period so
+-- code of the previous release still running can call them (rolling deploy).
+CREATE TABLE IF NOT EXISTS barnum.schema_orphans (
+    signature  text PRIMARY KEY,
+    first_seen timestamptz NOT NULL DEFAULT now()
+);
 """
 
 _SESSION_RESET = "RESET ALL; SET client_min_messages = warning"
@@ -92,12 +98,17 @@ class MigrateReport:
     applied_migrations: list[str] = field(default_factory=list)
     applied_functions: list[str] = field(default_factory=list)
     removed_functions: list[str] = field(default_factory=list)
+    #: Functions no file defines any more (kept for the grace period) and
+    #: those dropped once it had passed.
+    orphaned_functions: list[str] = field(default_factory=list)
+    dropped_functions: list[str] = field(default_factory=list)
     migrations_total: int = 0
     functions_total: int = 0
 
     @property
     def noop(self) -> bool:
-        return not (self.applied_migrations or self.applied_functions or self.removed_functions)
+        return not (self.applied_migrations or self.applied_functions or self.removed_functions
+                    or self.dropped_functions)
 
     def summary(self) -> str:
         if self.noop:
@@ -111,6 +122,11 @@ class MigrateReport:
         ]
         if self.removed_functions:
             parts.append(f"forgot {len(self.removed_functions)} removed function file(s)")
+        if self.orphaned_functions:
+            parts.append(f"{len(self.orphaned_functions)} function(s) no file defines any more, kept for "
+                         f"{ORPHAN_GRACE} (old code may still call them): " + ", ".join(self.orphaned_functions))
+        if self.dropped_functions:
+            parts.append("dropped " + ", ".join(self.dropped_functions))
         return ", ".join(parts)
 
 
@@ -287,6 +303,21 @@ def _check_applied(
     return [f for f in files if f.version not in applied]
 
 
+#: How long a function no file defines any more is kept before it is dropped.
+ORPHAN_GRACE = "1 day"
+
+#: Functions of schema barnum that this transaction's function files did not
+#: (re)create: CREATE OR REPLACE writes a new catalog row even when nothing
+#: changed, so their rows are older.  Extension members are not ours.
+_ORPHANS = """
+SELECT p.oid::regprocedure::text FROM pg_proc p
+ WHERE p.pronamespace = 'barnum'::regnamespace
+   AND p.xmin <> pg_current_xact_id()::xid
+   AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid
+                                               AND d.deptype = 'e')
+ ORDER BY 1
+"""
+
 #: Default of ``--lock-timeout`` (seconds).
 LOCK_TIMEOUT = 5.0
 
@@ -392,6 +423,10 @@ def _apply_functions(
                     "SET checksum = EXCLUDED.checksum, applied_at = EXCLUDED.applied_at"
                 ).format(sql.Literal(f.name), sql.Literal(f.checksum)))
                 applied.append(f.filename)
+            orphans = [r[0] for r in conn.execute(_ORPHANS).fetchall()]
+            conn.execute("DELETE FROM barnum.schema_orphans WHERE NOT signature = ANY(%s)", (orphans,))
+            conn.execute("INSERT INTO barnum.schema_orphans (signature) SELECT unnest(%s::text[]) "
+                         "ON CONFLICT DO NOTHING", (orphans,))
     except psycopg.Error as exc:
         assert current is not None
         raise _error(current, text, exc, lock_timeout) from exc
@@ -401,8 +436,30 @@ def _apply_functions(
     return applied
 
 
+def _drop_orphans(conn: Connection, now: bool) -> tuple[list[str], list[str]]:
+    """Drop the functions orphaned for longer than ORPHAN_GRACE (``now``: all
+    of them); one still needed by another object (a trigger, a view) stays.
+    Returns (still kept, dropped)."""
+    due = [r[0] for r in conn.execute(
+        "SELECT signature FROM barnum.schema_orphans WHERE %s OR first_seen < now() - %s::interval ORDER BY 1",
+        (now, ORPHAN_GRACE)).fetchall()]
+    dropped: list[str] = []
+    for signature in due:
+        try:
+            with conn.transaction():
+                if conn.execute("SELECT to_regprocedure(%s)", (signature,)).fetchone() != (None,):
+                    conn.execute(sql.SQL("DROP FUNCTION {}").format(sql.SQL(signature)))
+                conn.execute("DELETE FROM barnum.schema_orphans WHERE signature = %s", (signature,))
+            dropped.append(signature)
+        except psycopg.errors.DependentObjectsStillExist:
+            continue
+    kept = [r[0] for r in conn.execute("SELECT signature FROM barnum.schema_orphans ORDER BY 1").fetchall()]
+    return kept, dropped
+
+
 def migrate(
-    dsn: str, root: Path | None = None, *, progress: Progress | None = None, lock_timeout: float = LOCK_TIMEOUT
+    dsn: str, root: Path | None = None, *, progress: Progress | None = None, lock_timeout: float = LOCK_TIMEOUT,
+    drop_removed_now: bool = False,
 ) -> MigrateReport:
     """Apply pending migrations, then (re-)apply function files; see module doc."""
     migrations = migration_files(root)
@@ -429,7 +486,7 @@ def migrate(
             recorded = _applied_functions(conn)
             stale = bool(report.applied_migrations) or any(
                 recorded.get(f.name) != f.checksum for f in functions
-            )
+            ) or bool(set(recorded) - {f.name for f in functions})
             if stale:
                 report.applied_functions.extend(_apply_functions(conn, functions, lock_timeout, progress))
             gone = sorted(set(recorded) - {f.name for f in functions})
@@ -438,6 +495,7 @@ def migrate(
                     "DELETE FROM barnum.schema_functions WHERE name = ANY(%s)", (gone,)
                 )
                 report.removed_functions.extend(gone)
+            report.orphaned_functions, report.dropped_functions = _drop_orphans(conn, drop_removed_now)
         finally:
             if not conn.closed and not conn.broken:
                 conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))

@@ -405,3 +405,26 @@ def test_a_no_transaction_migration_can_build_an_index_concurrently(empty_db_url
 def test_cli_lock_timeout_flag_is_checked(empty_db_url: str) -> None:
     done = run_cli("migrate", "--lock-timeout", "0", env={"DATABASE_URL": empty_db_url})
     assert done.returncode == 2 and "--lock-timeout" in done.stderr
+
+
+def test_functions_no_file_defines_are_dropped_after_the_grace(empty_db_url: str, root: Path) -> None:
+    write_tree(root, functions={"30_extra.sql": "CREATE OR REPLACE FUNCTION barnum.old_api() RETURNS int "
+                                                "LANGUAGE sql AS $$ SELECT 1 $$;\n"
+                                                "CREATE OR REPLACE FUNCTION barnum.kept_api() RETURNS int "
+                                                "LANGUAGE sql AS $$ SELECT 2 $$;"})
+    migrate(empty_db_url, root)
+    # The next release drops old_api from its file: old code may still call it.
+    (root / "db/functions/30_extra.sql").write_text(
+        "CREATE OR REPLACE FUNCTION barnum.kept_api() RETURNS int LANGUAGE sql AS $$ SELECT 2 $$;")
+    report = migrate(empty_db_url, root)
+    assert report.orphaned_functions == ["barnum.old_api()"] and report.dropped_functions == []
+    assert "old code may still call them" in report.summary()
+    assert q(empty_db_url, "SELECT barnum.old_api()") == [(1,)], "kept during the grace"
+    # After the grace (here: asked for at once) it is dropped; kept_api stays.
+    report = migrate(empty_db_url, root, drop_removed_now=True)
+    assert report.dropped_functions == ["barnum.old_api()"]
+    assert q(empty_db_url, "SELECT to_regprocedure('barnum.old_api()') IS NULL, barnum.kept_api()") == [(True, 2)]
+    assert migrate(empty_db_url, root).noop
+    # Removing a whole file orphans what it defined too.
+    (root / "db/functions/30_extra.sql").unlink()
+    assert migrate(empty_db_url, root).orphaned_functions == ["barnum.kept_api()"]

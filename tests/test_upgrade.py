@@ -19,38 +19,9 @@ import psycopg
 import pytest
 
 from listener import migrate
+from tests.catalog import catalog
 
 ROOT = Path(__file__).resolve().parent.parent
-
-#: The catalog a schema is judged by: columns, constraints, indexes,
-#: functions (with their source), triggers, policies and grants.
-CATALOG = """
-SELECT 'column', format('%s.%s %s %s %s', c.table_name, c.column_name, c.data_type, c.is_nullable,
-                        coalesce(c.column_default, ''))
-  FROM information_schema.columns c WHERE c.table_schema = 'barnum'
-UNION ALL
-SELECT 'constraint', format('%s %s %s', conrelid::regclass, conname, pg_get_constraintdef(oid))
-  FROM pg_constraint WHERE connamespace = 'barnum'::regnamespace
-UNION ALL
-SELECT 'index', indexdef FROM pg_indexes WHERE schemaname = 'barnum'
-UNION ALL
-SELECT 'function', format('%s(%s) %s', p.proname, pg_get_function_identity_arguments(p.oid), md5(p.prosrc))
-  FROM pg_proc p WHERE p.pronamespace = 'barnum'::regnamespace
-UNION ALL
-SELECT 'trigger', format('%s %s', tgrelid::regclass, pg_get_triggerdef(oid))
-  FROM pg_trigger WHERE NOT tgisinternal AND tgrelid::regclass::text LIKE 'barnum.%'
-UNION ALL
-SELECT 'policy', format('%s %s %s', tablename, policyname, qual) FROM pg_policies WHERE schemaname = 'barnum'
-UNION ALL
-SELECT 'grant', format('%s %s %s', grantee, routine_name, privilege_type)
-  FROM information_schema.routine_privileges WHERE routine_schema = 'barnum'
-   AND grantee IN ('barnum_relay', 'barnum_shim')
-UNION ALL
-SELECT 'rls', format('%s %s', relname, relrowsecurity) FROM pg_class
- WHERE relnamespace = 'barnum'::regnamespace AND relkind = 'r'
-ORDER BY 1, 2
-"""
-
 
 def previous_release(tmp_path: Path) -> Path:
     """The ``db/`` of the last commit before migration 0004, as a project root."""
@@ -66,11 +37,6 @@ def previous_release(tmp_path: Path) -> Path:
         tar.extractall(tmp_path / "old", filter="data")
     assert not (tmp_path / "old" / "db" / "migrations" / "0004_accounts.sql").exists()
     return tmp_path / "old"
-
-
-def catalog(url: str) -> list[tuple[str, str]]:
-    with psycopg.connect(url) as conn:
-        return [(k, v) for k, v in conn.execute(CATALOG).fetchall()]
 
 
 def test_upgrade_equals_fresh_install_and_keeps_rows_working(
