@@ -172,6 +172,10 @@ class Realtime:
         does not stop the shim)."""
         self.pool = pool
         self._stop.clear()
+        if not (self.config.listen_database_url or self.config.database_url):
+            # An app given only a pool (embedding): no URL to LISTEN with.
+            logs.log(log, logging.WARNING, "realtime: no DATABASE_URL to LISTEN with; no events will be sent")
+            return
         self._tasks = [asyncio.create_task(self._supervise(), name="realtime-listen"),
                        asyncio.create_task(self._drain(), name="realtime-emit")]
 
@@ -276,7 +280,10 @@ class Realtime:
                              notifications=len(batch), **_error_fields(exc))
                     continue
                 for event in events:
-                    await self._emit(event)
+                    try:
+                        await self._emit(event)
+                    except Exception as exc:  # noqa: BLE001 - one bad emit must not stop the feed
+                        logs.log(log, logging.ERROR, "realtime: emit failed", **_error_fields(exc))
 
     async def _emit(self, event: Any) -> None:
         if not isinstance(event, dict):
