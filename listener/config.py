@@ -7,6 +7,7 @@ naming it (the CLI prints ``ConfigError`` and exits 2).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Final, Mapping
 
@@ -33,6 +34,9 @@ class Config:
     #: WhatsApp Cloud API webhook: app secret(s), comma-separated, and the verify token.
     whatsapp_app_secret: str | None = field(default=None, repr=False)
     whatsapp_verify_token: str | None = field(default=None, repr=False)
+    #: Origins a browser may open the realtime endpoint (Socket.IO) from; empty
+    #: = same origin only, ("*",) = any.
+    cors_origins: tuple[str, ...] = ()
 
     @property
     def signing_key(self) -> bytes:
@@ -77,6 +81,7 @@ def load(env: Mapping[str, str] | None = None) -> Config:
     public = e.get("BARNUM_PUBLIC_URL") or None
     if public and not public.startswith(("http://", "https://")):
         raise ConfigError(f"BARNUM_PUBLIC_URL must start with http:// or https://, got {public!r}")
+    cors = _origins(e.get("BARNUM_CORS_ORIGINS", ""))
     return Config(
         database_url=e.get("DATABASE_URL") or None,
         listen_database_url=e.get("LISTEN_DATABASE_URL") or None,
@@ -90,7 +95,26 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         webhook_require_timestamp=require_ts,
         whatsapp_app_secret=e.get("WHATSAPP_APP_SECRET") or None,
         whatsapp_verify_token=e.get("WHATSAPP_VERIFY_TOKEN") or None,
+        cors_origins=cors,
     )
+
+
+_ORIGIN_RE: Final = re.compile(r"https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?")
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    """BARNUM_CORS_ORIGINS: comma-separated origins (scheme://host[:port],
+    as a browser sends them in ``Origin``), or ``*``."""
+    origins: list[str] = []
+    for item in text.split(","):
+        value = item.strip().rstrip("/")
+        if not value:
+            continue
+        if value != "*" and not _ORIGIN_RE.fullmatch(value):
+            raise ConfigError(f"BARNUM_CORS_ORIGINS: {value!r} is not an origin like https://app.example.com")
+        if value not in origins:
+            origins.append(value.lower() if value != "*" else value)
+    return tuple(origins)
 
 
 _TRUE: Final = {"1", "true", "yes", "on"}

@@ -73,6 +73,27 @@ REPLAYABLE_SIGNATURES = Counter(
     "Callbacks accepted with a hex signature that covers no timestamp (replayable; "
     "set WEBHOOK_REQUIRE_TIMESTAMP once this stays at zero)",
 )
+REALTIME_CONNECTIONS = Counter(
+    "barnum_realtime_connections_total",
+    "Socket.IO connection attempts by outcome (accepted, unauthorized, forbidden, unavailable)",
+    ["outcome"],
+)
+REALTIME_EVENTS = Counter(
+    "barnum_realtime_events_total",
+    "Socket.IO events emitted to conversation rooms, by event",
+    ["event"],
+)
+REALTIME_NOTIFICATIONS = Counter(
+    "barnum_realtime_notifications_total",
+    "barnum_realtime notifications received: queued (a socket watches the conversation) or unwatched "
+    "(dropped without a query)",
+    ["outcome"],
+)
+REALTIME_CLIENTS = Gauge(
+    "barnum_realtime_clients",
+    "Socket.IO clients connected now",
+    multiprocess_mode="livesum",
+)
 QUEUE_DEPTH = Gauge(
     "barnum_queue_deliveries",
     "Deliveries by queue state (pending, due, processing, dead_letter)",

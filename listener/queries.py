@@ -101,6 +101,22 @@ API_REPLAY_WEBHOOK = "SELECT barnum.api_replay_webhook($1, $2, $3::jsonb)::text"
 #: SQLSTATE 22P02).  Counts of what was stored.
 INGEST_WHATSAPP = "SELECT barnum.ingest_whatsapp($1::jsonb)::text"
 
+# --- realtime (shim, /socket.io/; SPEC-2 §D) ---------------------------------
+
+#: Socket.IO connect: $1 = bearer token → the account's uuid (BN401 / BN403).
+REALTIME_AUTH = "SELECT barnum.realtime_auth($1)"
+
+#: join:conversation: $1 = token, $2 = contact id (any text) → boolean; false
+#: for a malformed id, one that exists nowhere or another account's alike.
+REALTIME_CAN_JOIN = "SELECT barnum.realtime_can_join($1, $2)"
+
+#: $1 = text[] of barnum_realtime payloads → jsonb array (as text) of
+#: {account_id, room, event, data} in the same order, vanished rows left out.
+REALTIME_EVENTS = "SELECT barnum.realtime_events($1::text[])::text"
+
+#: The LISTEN connection's health check (needs no privilege).
+REALTIME_PING = "SELECT 1"
+
 # --- operator tools (barnum endpoints | dlq | status | settings) --------------
 
 #: Add an endpoint: name, url, secret, event_types text[], max_attempts,

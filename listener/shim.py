@@ -43,6 +43,7 @@ import asyncpg
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -50,6 +51,7 @@ from starlette.routing import Route
 from listener import logs, metrics, pages, queries
 from listener.config import Config, ConfigError
 from listener.db import barnum_error, create_pool, migration_versions
+from listener.realtime import Realtime, SocketIOMiddleware
 from listener.signing import Verdict, verify_callback
 
 log = logging.getLogger("barnum.shim")
@@ -497,9 +499,14 @@ class _Shim:
             self.pool = await open_pool(self.config)
             self.owns_pool = True
         await self.clinic_locale()
+        realtime: Realtime | None = getattr(app.state, "realtime", None)
+        if realtime is not None:
+            await realtime.start(self.pool)
         try:
             yield
         finally:
+            if realtime is not None:
+                await realtime.stop()
             if self.transport is not None:
                 with contextlib.suppress(Exception):
                     await self.transport.close()
@@ -614,12 +621,16 @@ def create_app(config: Config, pool: Any = None, relay_pass: RelayPass | None = 
         Route("/openapi.json", shim.openapi, methods=["GET"]),
         Route("/metrics", shim.prometheus, methods=["GET"]),
     ]
+    # Socket.IO at /socket.io/ (listener/realtime.py), started by the lifespan.
+    realtime = Realtime(config)
     app = Starlette(
         routes=routes,
         lifespan=shim.lifespan,
         exception_handlers={HTTPException: shim.http_exception, Exception: shim.server_error},
+        middleware=[Middleware(SocketIOMiddleware, realtime=realtime)],
     )
     app.state.shim = shim
+    app.state.realtime = realtime
     return app
 
 
@@ -666,7 +677,9 @@ class ShimServer(uvicorn.Server):
             port=port,
             loop="auto",
             http="auto",
-            ws="none",
+            # Socket.IO's websocket transport (wsproto comes with python-engineio).
+            ws="wsproto",
+            ws_max_size=64 * 1024,
             lifespan="on",
             access_log=False,
             log_config=None,

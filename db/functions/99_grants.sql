@@ -39,3 +39,12 @@ GRANT EXECUTE ON FUNCTION
     barnum.api_replay_webhook(text, text, jsonb),
     barnum.ingest_whatsapp(jsonb)
 TO barnum_shim;
+
+-- barnum_shim: the realtime endpoint (Socket.IO, 89_realtime).
+GRANT EXECUTE ON FUNCTION
+    barnum.realtime_auth(text),
+    barnum.realtime_can_join(text, text),
+    barnum.realtime_event(text),
+    barnum.realtime_events(text[]),
+    barnum.notify_typing(uuid, boolean)
+TO barnum_shim;
