@@ -389,13 +389,6 @@ BEGIN
 END
 $$;
 
--- The typing indicator of the realtime endpoint (SPEC-2 §D): ids only.
-CREATE OR REPLACE FUNCTION barnum.notify_typing(p_contact uuid, p_on boolean) RETURNS void
-LANGUAGE sql
-AS $$
-    SELECT pg_notify('barnum_realtime', format('typing:%s:%s', p_contact, CASE WHEN p_on THEN 'start' ELSE 'stop' END))
-$$;
-
 -- ------------------------------------------------------------ dispatch
 -- An inbound message meets the flows: the contact's Active or Paused session
 -- takes precedence (a Paused one waits for staff: the message is only

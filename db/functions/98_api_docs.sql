@@ -56,3 +56,15 @@ COMMENT ON FUNCTION barnum.api_replay_webhook(text, text, jsonb) IS
 'POST /api/webhooks/{id}/replay {since, until}: re-queue the webhook''s dead letters of the range and create deliveries for the account''s matching events it never got (at most 31 days).';
 COMMENT ON FUNCTION barnum.ingest_whatsapp(jsonb) IS
 'POST /whatsapp/webhook after the signature check: store every message once (wamid), apply statuses forward only, announce message.received / message.status, act on replies to Barnum''s messages, run keyword flows. Returns counts.';
+
+-- ------------------------------------------------------------ realtime (shim)
+COMMENT ON FUNCTION barnum.realtime_event(text) IS
+'One barnum_realtime notification''s Socket.IO event {account_id, room, event, data} (message:new, message:status, typing:start|stop, session:updated), or NULL when the payload is not ours or its row is gone.';
+COMMENT ON FUNCTION barnum.realtime_events(text[]) IS
+'A burst of barnum_realtime notifications in one round trip: their events in the order given (commit order), unknown or vanished ones left out.';
+COMMENT ON FUNCTION barnum.realtime_auth(text) IS
+'Socket.IO connect: the account of a bearer token with the scope conversations:read (BN401 / BN403 otherwise).';
+COMMENT ON FUNCTION barnum.realtime_can_join(text, text) IS
+'join:conversation: whether the token''s account owns the contact; false alike for a malformed id, an unknown one and another account''s.';
+COMMENT ON FUNCTION barnum.notify_typing(uuid, boolean) IS
+'NOTIFY barnum_realtime typing:<contact>:start|stop (sent at commit, in order with the messages of the same transaction).';
