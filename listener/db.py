@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
@@ -89,3 +90,29 @@ def migration_versions(root: Path | None = None) -> list[str]:
     from listener.migrate import disk_versions
 
     return disk_versions(root)
+
+
+#: The SQL API level this code speaks (``barnum.schema_compat()``, 10_core.sql).
+SCHEMA_COMPAT = 2
+
+
+async def schema_problem(conn: Any) -> str | None:
+    """Why this code cannot work with the database's SQL API, or None.
+
+    Level 1 (the first release) has no ``schema_compat()``; a database not
+    migrated at all has no schema barnum."""
+    from listener import queries
+
+    try:
+        level = await conn.fetchval(queries.SCHEMA_COMPAT)
+    except asyncpg.UndefinedFunctionError:
+        level = 1
+    except asyncpg.InvalidSchemaNameError:
+        return "the database is not migrated (no schema barnum): run barnum migrate"
+    if level == SCHEMA_COMPAT:
+        return None
+    if level < SCHEMA_COMPAT:
+        return (f"the database's SQL API is at compatibility level {level}, this release needs {SCHEMA_COMPAT}: "
+                "run barnum migrate of this release first")
+    return (f"the database's SQL API is at compatibility level {level}, newer than this release's "
+            f"{SCHEMA_COMPAT}: deploy the matching release")

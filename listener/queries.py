@@ -21,7 +21,7 @@ from __future__ import annotations
 CLAIM_DELIVERIES = """
 SELECT delivery_id, event_id, event_type, endpoint_id, url, secret, attempt,
        timeout_ms, payload, idempotency_key, kind
-  FROM barnum.claim_deliveries_text($1, $2, $3::interval)
+  FROM barnum.claim_deliveries_v2($1, $2, $3::interval)
 """
 
 #: Report one batch of HTTP outcomes ($1: jsonb array); returns rows applied.
@@ -60,9 +60,8 @@ PERFORM_ACTION = "SELECT barnum.perform_action($1, $2)::text"
 #: Apply an n8n callback: action $1, body $2 (jsonb text), idempotency key $3.
 HANDLE_CALLBACK = "SELECT barnum.handle_callback($1, $2::jsonb, $3)::text"
 
-#: True when every migration file on disk is applied (readiness probe):
-#: $1 = array of versions present on disk.
-MIGRATIONS_CURRENT = "SELECT barnum.migrations_current($1::text[])"
+#: The SQL API's compatibility level (relay and shim check it; /readyz too).
+SCHEMA_COMPAT = "SELECT barnum.schema_compat()"
 
 #: Settings the shim renders with (locale, public_base_url, one_click_actions).
 SHIM_CONFIG = "SELECT barnum.shim_config()::text"

@@ -2,7 +2,7 @@
 
 One process runs one :class:`Relay`:
 
-* a small asyncpg pool claims due deliveries (``claim_deliveries_text``:
+* a small asyncpg pool claims due deliveries (``claim_deliveries_v2``:
   the payload arrives as text and is signed and sent as those exact bytes) and
   reports each batch's outcomes with one ``record_attempts`` call;
 * one dedicated connection ``LISTEN``s on ``barnum_events``
@@ -50,7 +50,7 @@ from typing import Any
 import asyncpg
 from listener import logs, metrics, queries
 from listener.config import Config, ConfigError, load
-from listener.db import barnum_error, create_pool
+from listener.db import barnum_error, create_pool, schema_problem
 from listener.signing import outbound_headers, parse_secrets
 from listener.transport import FINAL_ERROR_PREFIX, HttpResult, Transport
 
@@ -708,6 +708,11 @@ class Relay:
                     return 0
                 print(f"barnum relay: cannot connect to the database: {_describe(exc)}", file=sys.stderr)
                 return 1
+            problem = await schema_problem(self.pool)
+            if problem is not None:
+                print(f"barnum relay: {problem}", file=sys.stderr)
+                await self._shutdown()
+                return 2
             try:
                 await ensure_n8n_endpoint(self.pool, self.config)
                 self.deliverer = Deliverer(

@@ -50,7 +50,7 @@ from starlette.routing import Route
 
 from listener import logs, metrics, pages, queries
 from listener.config import Config, ConfigError
-from listener.db import barnum_error, create_pool, migration_versions
+from listener.db import barnum_error, create_pool, schema_problem
 from listener.realtime import Realtime, SocketIOMiddleware
 from listener.signing import Verdict, verify_callback
 
@@ -183,7 +183,6 @@ class _Shim:
     relay_pass: RelayPass | None
     #: The clinic locale last reported by SQL (pages rendered without a query).
     locale: str = pages.DEFAULT_LOCALE
-    versions: list[str] = field(default_factory=migration_versions)
     relay_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     #: The relay's HTTP transport, opened by the first /api/internal call.
     transport: Any = None
@@ -454,20 +453,23 @@ class _Shim:
         return json_response(200, {"status": "ok"})
 
     async def readyz(self, request: Request) -> Response:
+        """Ready when the database answers and speaks this release's SQL API
+        (``schema_compat()``): the database says, not the files on disk."""
         try:
-            current = await asyncio.wait_for(
-                self.fetch_text(queries.MIGRATIONS_CURRENT, self.versions, timeout=READY_TIMEOUT),
-                READY_TIMEOUT,
-            )
+            if self.pool is None:
+                raise asyncpg.InterfaceError("the database pool is not open")
+
+            async def ask() -> str | None:
+                async with self.pool.acquire(timeout=READY_TIMEOUT) as con:
+                    return await schema_problem(con)
+
+            problem = await asyncio.wait_for(ask(), READY_TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
-            if is_unavailable(exc):
-                reason = "database unreachable"
-            else:
-                reason = "database schema not migrated"
+            reason = "database unreachable" if is_unavailable(exc) else "database error"
             logs.log(log, logging.WARNING, "not ready", reason=reason, **_error_fields(exc))
             return json_response(503, {"status": "unavailable", "reason": reason})
-        if current is not True:
-            return json_response(503, {"status": "unavailable", "reason": "migrations pending"})
+        if problem is not None:
+            return json_response(503, {"status": "unavailable", "reason": problem})
         return json_response(200, {"status": "ok"})
 
     async def openapi(self, request: Request) -> Response:
@@ -599,11 +601,7 @@ def create_app(config: Config, pool: Any = None, relay_pass: RelayPass | None = 
         raise ConfigError("DATABASE_URL is not set (see README: Configuration)")
     if not config.webhook_secrets:
         log.warning("WEBHOOK_SECRET is not set: every callback will be rejected (401)")
-    try:
-        versions = migration_versions()
-    except Exception as exc:  # MigrationError: a broken install, said in one line at start
-        raise ConfigError(f"cannot find Barnum's SQL files: {exc}") from None
-    shim = _Shim(config=config, pool=pool, owns_pool=False, relay_pass=relay_pass, versions=versions)
+    shim = _Shim(config=config, pool=pool, owns_pool=False, relay_pass=relay_pass)
     api = importlib.import_module("listener.api").Api(shim)
     shim.openapi_doc = openapi_bytes(*api.openapi())
     routes = [
@@ -768,6 +766,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=None, help="port to listen on (default: $BARNUM_PORT or 8000)")
 
 
+async def _schema_problem_at_start(config: Config) -> str | None:
+    """A reachable database whose SQL API this release does not speak stops
+    the shim at start; an unreachable one does not (/readyz answers 503 until
+    it is back)."""
+    try:
+        conn = await asyncio.wait_for(asyncpg.connect(config.database_url), READY_TIMEOUT)
+    except Exception:  # noqa: BLE001 - unreachable now: start anyway
+        return None
+    try:
+        return await schema_problem(conn)
+    finally:
+        await conn.close()
+
+
 def main(args: argparse.Namespace, config: Config) -> int:
     """``barnum shim``: serve until SIGINT/SIGTERM; 0 on a clean stop, 1 if it
     could not start.  Raises ConfigError when DATABASE_URL or WEBHOOK_SECRET
@@ -777,6 +789,10 @@ def main(args: argparse.Namespace, config: Config) -> int:
     arg_port: int | None = getattr(args, "port", None)
     port = arg_port if arg_port is not None else config.port
     logs.setup(config.log_level)
+    problem = asyncio.run(_schema_problem_at_start(config))
+    if problem is not None:
+        print(f"barnum shim: {problem}", file=sys.stderr)
+        return 2
     app = create_app(config)
     server = ShimServer(app, host, port)
     try:

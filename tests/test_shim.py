@@ -946,10 +946,18 @@ def test_health_and_readiness(shim: Running, db_conn: Conn) -> None:
     assert shim.client.get("/healthz").json() == {"status": "ok"}
     ready = shim.client.get("/readyz")
     assert ready.status_code == 200 and ready.json() == {"status": "ok"}
-    # A migration file on disk that the database has not applied → not ready.
+    # The database says whether it speaks this release's SQL API, not the files on disk.
     db_conn.execute("DELETE FROM barnum.schema_migrations WHERE version = '0001'")
-    pending = shim.client.get("/readyz")
-    assert pending.status_code == 503 and pending.json()["reason"] == "migrations pending"
+    assert shim.client.get("/readyz").status_code == 200
+    db_conn.execute("CREATE OR REPLACE FUNCTION barnum.schema_compat() RETURNS int LANGUAGE sql AS $$ SELECT 1 $$")
+    old = shim.client.get("/readyz")
+    assert old.status_code == 503 and "level 1, this release needs 2" in old.json()["reason"]
+    db_conn.execute("CREATE OR REPLACE FUNCTION barnum.schema_compat() RETURNS int LANGUAGE sql AS $$ SELECT 3 $$")
+    newer = shim.client.get("/readyz")
+    assert newer.status_code == 503 and "newer than this release" in newer.json()["reason"]
+    db_conn.execute("DROP FUNCTION barnum.schema_compat()")
+    first = shim.client.get("/readyz")
+    assert first.status_code == 503 and "level 1" in first.json()["reason"], "the first release had no schema_compat"
 
 
 def test_readiness_fails_when_the_database_is_down() -> None:

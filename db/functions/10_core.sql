@@ -323,3 +323,12 @@ $$;
 CREATE OR REPLACE FUNCTION barnum.digits(p_text text) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT nullif(regexp_replace(coalesce(p_text, ''), '[^0-9]', '', 'g'), '') $$;
+
+-- The compatibility level of the SQL API these functions implement.  Relay
+-- and shim refuse to start against a level they do not speak (and /readyz
+-- says so), so a deploy in the wrong order fails loudly, not half-way.
+-- 1: the first release (no such function); 2: accounts, inbound WhatsApp,
+-- flows, realtime, the native sender (claim_deliveries_v2).
+CREATE OR REPLACE FUNCTION barnum.schema_compat() RETURNS int
+LANGUAGE sql IMMUTABLE
+AS $$ SELECT 2 $$;

@@ -20,22 +20,14 @@ $$;
 -- (skipped with the reason, or dead when a reclaimed lease was the final
 -- attempt), one INSERT mints every action token of the batch, one SELECT
 -- renders every payload.  (A row-at-a-time loop cost ~0.5 ms a delivery.)
--- 0007 added the endpoint's kind to the claim's rows: the older shape is
--- dropped once (a changed result type cannot be replaced in place).
-DO $$
-BEGIN
-    IF EXISTS (SELECT 1 FROM pg_proc WHERE oid = to_regprocedure('barnum.claim_deliveries_text(text, int, interval)')
-                                       AND NOT 'kind' = ANY (proargnames)) THEN
-        DROP FUNCTION barnum.claim_deliveries_text(text, int, interval);
-    END IF;
-END $$;
-
-CREATE OR REPLACE FUNCTION barnum.claim_deliveries_text(
-    p_worker text, p_limit int DEFAULT 50, p_lease interval DEFAULT '60 seconds')
+-- The claim itself, for the endpoint kinds the caller can deliver to (a
+-- relay of the previous release knows webhooks only).  Called through the
+-- versioned API functions below.
+CREATE OR REPLACE FUNCTION barnum.claim_batch(
+    p_worker text, p_limit int, p_lease interval, p_kinds text[])
 RETURNS TABLE (delivery_id bigint, event_id uuid, event_type text, endpoint_id uuid, url text,
                secret text, attempt int, timeout_ms int, payload text, idempotency_key text, kind text)
-LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = barnum, pg_temp
+LANGUAGE plpgsql
 -- The statements are big and their shape never changes: a generic plan
 -- saves re-planning them on every call.
 SET plan_cache_mode = force_generic_plan
@@ -68,9 +60,10 @@ BEGIN
     -- relays claim side by side without waiting on each other.
     SELECT array_agg(id) INTO expired FROM (
         SELECT d.id FROM barnum.webhook_deliveries d
-         WHERE d.status = 'processing' AND d.locked_until < v_now
+          JOIN barnum.webhook_endpoints ep ON ep.id = d.endpoint_id
+         WHERE d.status = 'processing' AND d.locked_until < v_now AND ep.kind = ANY (p_kinds)
          ORDER BY d.locked_until LIMIT p_limit
-         FOR UPDATE SKIP LOCKED) x;
+         FOR UPDATE OF d SKIP LOCKED) x;
     expired := coalesce(expired, '{}');
     -- Due rows queue by endpoint (webhook_deliveries_endpoint_due_idx): only
     -- active endpoints' queues are read, so a disabled endpoint's backlog
@@ -84,7 +77,7 @@ BEGIN
              WHERE d.endpoint_id = ep.id AND d.status = 'pending' AND d.next_attempt_at <= v_now
              ORDER BY d.next_attempt_at LIMIT p_limit - cardinality(expired)
              FOR UPDATE SKIP LOCKED) q
-         WHERE ep.is_active
+         WHERE ep.is_active AND ep.kind = ANY (p_kinds)
          ORDER BY q.next_attempt_at LIMIT p_limit - cardinality(expired)) x;
     ids := expired || coalesce(ids, '{}');
     IF cardinality(ids) = 0 THEN
@@ -235,7 +228,36 @@ BEGIN
 END
 $$;
 
--- The contract's claim_deliveries: same rows, payload as jsonb.
+-- The relay's claim, versioned (issue 18): a new result shape is a new
+-- function beside the old one, so relays of the previous release keep
+-- working during a rolling deploy; the old one goes when its file entry
+-- does (barnum migrate drops it after a grace period).
+-- v1: the first release's shape; webhook endpoints only.
+CREATE OR REPLACE FUNCTION barnum.claim_deliveries_text(
+    p_worker text, p_limit int DEFAULT 50, p_lease interval DEFAULT '60 seconds')
+RETURNS TABLE (delivery_id bigint, event_id uuid, event_type text, endpoint_id uuid, url text,
+               secret text, attempt int, timeout_ms int, payload text, idempotency_key text)
+LANGUAGE sql SECURITY DEFINER
+SET search_path = barnum, pg_temp
+AS $$
+    SELECT c.delivery_id, c.event_id, c.event_type, c.endpoint_id, c.url, c.secret, c.attempt,
+           c.timeout_ms, c.payload, c.idempotency_key
+      FROM barnum.claim_batch(p_worker, p_limit, p_lease, '{webhook}') c
+$$;
+
+-- v2: every endpoint kind, and the kind with each row (whatsapp_cloud rows
+-- go to the Graph API with a bearer token, not signed).
+CREATE OR REPLACE FUNCTION barnum.claim_deliveries_v2(
+    p_worker text, p_limit int DEFAULT 50, p_lease interval DEFAULT '60 seconds')
+RETURNS TABLE (delivery_id bigint, event_id uuid, event_type text, endpoint_id uuid, url text,
+               secret text, attempt int, timeout_ms int, payload text, idempotency_key text, kind text)
+LANGUAGE sql SECURITY DEFINER
+SET search_path = barnum, pg_temp
+AS $$
+    SELECT * FROM barnum.claim_batch(p_worker, p_limit, p_lease, '{webhook,whatsapp_cloud}')
+$$;
+
+-- The contract's claim_deliveries: the v1 rows, payload as jsonb.
 CREATE OR REPLACE FUNCTION barnum.claim_deliveries(
     p_worker text, p_limit int DEFAULT 50, p_lease interval DEFAULT '60 seconds')
 RETURNS TABLE (delivery_id bigint, event_id uuid, event_type text, endpoint_id uuid, url text,

@@ -7,7 +7,11 @@
 COMMENT ON FUNCTION barnum.claim_deliveries(text, int, interval) IS
 'SPEC §2.6. Claim up to p_limit due deliveries for worker p_worker with a lease of p_lease (FOR UPDATE SKIP LOCKED); payload rendered now with fresh action tokens; stale events are skipped with a reason instead of returned. attempt is the fencing token for record_attempts.';
 COMMENT ON FUNCTION barnum.claim_deliveries_text(text, int, interval) IS
-'What the relay calls: claim_deliveries with the payload as text (signed byte for byte), the idempotency key and the endpoint kind (webhook, whatsapp_cloud).';
+'v1 (the first release''s relay): claim_deliveries of webhook endpoints with the payload as text (signed byte for byte) and the idempotency key. Kept beside v2 so relays of the previous release keep working during a rolling deploy.';
+COMMENT ON FUNCTION barnum.claim_deliveries_v2(text, int, interval) IS
+'v2 (what the relay calls): the v1 rows of every endpoint kind, plus the kind (webhook: signed POST; whatsapp_cloud: a Graph API message with a bearer token).';
+COMMENT ON FUNCTION barnum.schema_compat() IS
+'The SQL API''s compatibility level (2). Relay and shim check it at start and /readyz reports it; a level they do not speak stops them with a clear message.';
 COMMENT ON FUNCTION barnum.record_attempts(jsonb) IS
 'Report a batch of HTTP outcomes [{delivery_id, attempt, ok, retryable, http_status, duration_ms, error, response_body, retry_after_seconds}]: sent, back to pending with backoff, or dead letter; results whose attempt no longer holds the claim are ignored. Keeps events, workflows and endpoint health in step. Returns the results applied.';
 COMMENT ON FUNCTION barnum.release_deliveries(text) IS

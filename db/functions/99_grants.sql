@@ -10,6 +10,8 @@ REVOKE ALL ON ALL SEQUENCES IN SCHEMA barnum FROM barnum_relay, barnum_shim;
 GRANT EXECUTE ON FUNCTION
     barnum.claim_deliveries(text, int, interval),
     barnum.claim_deliveries_text(text, int, interval),
+    barnum.claim_deliveries_v2(text, int, interval),
+    barnum.schema_compat(),
     barnum.record_attempts(jsonb),
     barnum.release_deliveries(text),
     barnum.next_due_at(),
@@ -28,6 +30,7 @@ GRANT EXECUTE ON FUNCTION
     barnum.validate_action_token(text),
     barnum.shim_config(),
     barnum.migrations_current(text[]),
+    barnum.schema_compat(),
     barnum.queue_stats(),
     barnum.api_register_webhook(text, jsonb),
     barnum.api_list_webhooks(text),
