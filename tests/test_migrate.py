@@ -428,3 +428,21 @@ def test_functions_no_file_defines_are_dropped_after_the_grace(empty_db_url: str
     # Removing a whole file orphans what it defined too.
     (root / "db/functions/30_extra.sql").unlink()
     assert migrate(empty_db_url, root).orphaned_functions == ["barnum.kept_api()"]
+
+
+def test_unchanged_triggers_take_no_lock_on_a_busy_table(empty_db_url: str) -> None:
+    """Re-applying the repo's function files while a transaction writes to
+    patients: the unchanged triggers are skipped (ensure_trigger), so the run
+    needs no lock that waits for that writer."""
+    migrate(empty_db_url)
+    with psycopg.connect(empty_db_url) as writer:
+        writer.execute("INSERT INTO barnum.patients (name) VALUES ('busy')")  # holds ROW EXCLUSIVE, open
+        with psycopg.connect(empty_db_url, autocommit=True) as other:  # force a full re-apply
+            other.execute("UPDATE barnum.schema_functions SET checksum = NULL")
+        report = migrate(empty_db_url, lock_timeout=1.0)
+        assert "20_appointments.sql" in report.applied_functions
+        writer.rollback()
+    # A changed trigger is replaced (and then needs its lock).
+    comments = q(empty_db_url, "SELECT obj_description(t.oid, 'pg_trigger') FROM pg_trigger t "
+                               "WHERE t.tgname = 'trg_patients_touch'")
+    assert comments and str(comments[0][0]).startswith("barnum:")

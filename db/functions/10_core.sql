@@ -29,6 +29,27 @@ BEGIN
 END
 $$;
 
+-- Create or replace a trigger only when its definition changed: CREATE OR
+-- REPLACE TRIGGER takes a SHARE ROW EXCLUSIVE lock on the table even when
+-- nothing changes, and re-applying the function files must not queue a busy
+-- table's traffic behind that (issue 18).  The definition's digest is kept
+-- as the trigger's comment.
+CREATE OR REPLACE FUNCTION barnum.ensure_trigger(p_table regclass, p_name text, p_create text) RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    want text := 'barnum:' || md5(p_create);
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_trigger t
+                WHERE t.tgrelid = p_table AND t.tgname = p_name AND NOT t.tgisinternal
+                  AND obj_description(t.oid, 'pg_trigger') = want) THEN
+        RETURN;
+    END IF;
+    EXECUTE p_create;
+    EXECUTE format('COMMENT ON TRIGGER %I ON %s IS %L', p_name, p_table, want);
+END
+$$;
+
 -- Raw jsonb value of a setting; unknown keys are a programming error.
 CREATE OR REPLACE FUNCTION barnum.setting(p_key text) RETURNS jsonb
 LANGUAGE plpgsql STABLE
@@ -222,9 +243,11 @@ BEGIN
     RETURN NEW;
 END
 $$;
+SELECT barnum.ensure_trigger('barnum.settings', 'trg_settings_validate', $trg$
 CREATE OR REPLACE TRIGGER trg_settings_validate
     BEFORE INSERT OR UPDATE ON barnum.settings
-    FOR EACH ROW EXECUTE FUNCTION barnum.settings_validate_trg();
+    FOR EACH ROW EXECUTE FUNCTION barnum.settings_validate_trg()
+$trg$);
 
 -- Operator API: read all settings / one setting, and set one (validated).
 CREATE OR REPLACE FUNCTION barnum.get_settings() RETURNS jsonb

@@ -62,9 +62,11 @@ BEGIN
     RETURN NEW;
 END
 $$;
+SELECT barnum.ensure_trigger('barnum.appointments', 'trg_appointment_transition', $trg$
 CREATE OR REPLACE TRIGGER trg_appointment_transition
     BEFORE UPDATE ON barnum.appointments
-    FOR EACH ROW EXECUTE FUNCTION barnum.appointments_transition_trg();
+    FOR EACH ROW EXECUTE FUNCTION barnum.appointments_transition_trg()
+$trg$);
 
 CREATE OR REPLACE FUNCTION barnum.touch_updated_at_trg() RETURNS trigger
 LANGUAGE plpgsql
@@ -74,15 +76,21 @@ BEGIN
     RETURN NEW;
 END
 $$;
+SELECT barnum.ensure_trigger('barnum.patients', 'trg_patients_touch', $trg$
 CREATE OR REPLACE TRIGGER trg_patients_touch
     BEFORE UPDATE ON barnum.patients
-    FOR EACH ROW EXECUTE FUNCTION barnum.touch_updated_at_trg();
+    FOR EACH ROW EXECUTE FUNCTION barnum.touch_updated_at_trg()
+$trg$);
+SELECT barnum.ensure_trigger('barnum.whatsapp_workflows', 'trg_workflows_touch', $trg$
 CREATE OR REPLACE TRIGGER trg_workflows_touch
     BEFORE UPDATE ON barnum.whatsapp_workflows
-    FOR EACH ROW EXECUTE FUNCTION barnum.touch_updated_at_trg();
+    FOR EACH ROW EXECUTE FUNCTION barnum.touch_updated_at_trg()
+$trg$);
+SELECT barnum.ensure_trigger('barnum.webhook_endpoints', 'trg_endpoints_touch', $trg$
 CREATE OR REPLACE TRIGGER trg_endpoints_touch
     BEFORE UPDATE ON barnum.webhook_endpoints
-    FOR EACH ROW EXECUTE FUNCTION barnum.touch_updated_at_trg();
+    FOR EACH ROW EXECUTE FUNCTION barnum.touch_updated_at_trg()
+$trg$);
 
 -- Open a workflow unless one of that type is already open for the
 -- appointment (idempotent triggers).  Returns the new workflow's id, or NULL
@@ -197,10 +205,12 @@ BEGIN
     RETURN NULL;
 END
 $$;
+SELECT barnum.ensure_trigger('barnum.appointments', 'trg_pre_confirmation', $trg$
 CREATE OR REPLACE TRIGGER trg_pre_confirmation
     AFTER INSERT ON barnum.appointments
     FOR EACH ROW WHEN (NEW.status IN ('scheduled', 'pre_confirmed', 'confirmed'))
-    EXECUTE FUNCTION barnum.pre_confirmation_trg();
+    EXECUTE FUNCTION barnum.pre_confirmation_trg()
+$trg$);
 
 -- AFTER UPDATE → no_show: offer to reschedule after no_show_delay.
 CREATE OR REPLACE FUNCTION barnum.no_show_trg() RETURNS trigger
@@ -219,10 +229,12 @@ BEGIN
     RETURN NULL;
 END
 $$;
+SELECT barnum.ensure_trigger('barnum.appointments', 'trg_no_show', $trg$
 CREATE OR REPLACE TRIGGER trg_no_show
     AFTER UPDATE OF status ON barnum.appointments
     FOR EACH ROW WHEN (NEW.status = 'no_show' AND OLD.status IS DISTINCT FROM 'no_show')
-    EXECUTE FUNCTION barnum.no_show_trg();
+    EXECUTE FUNCTION barnum.no_show_trg()
+$trg$);
 
 -- AFTER UPDATE → completed: remember the visit, ask for a review later.
 CREATE OR REPLACE FUNCTION barnum.review_trg() RETURNS trigger
@@ -244,10 +256,12 @@ BEGIN
     RETURN NULL;
 END
 $$;
+SELECT barnum.ensure_trigger('barnum.appointments', 'trg_review', $trg$
 CREATE OR REPLACE TRIGGER trg_review
     AFTER UPDATE OF status ON barnum.appointments
     FOR EACH ROW WHEN (NEW.status = 'completed' AND OLD.status IS DISTINCT FROM 'completed')
-    EXECUTE FUNCTION barnum.review_trg();
+    EXECUTE FUNCTION barnum.review_trg()
+$trg$);
 
 -- AFTER UPDATE of status/starts_at: tell the patient what changed.
 CREATE OR REPLACE FUNCTION barnum.status_events_trg() RETURNS trigger
@@ -276,7 +290,9 @@ BEGIN
     RETURN NULL;
 END
 $$;
+SELECT barnum.ensure_trigger('barnum.appointments', 'trg_status_events', $trg$
 CREATE OR REPLACE TRIGGER trg_status_events
     AFTER UPDATE OF status, starts_at ON barnum.appointments
     FOR EACH ROW WHEN (NEW.status IS DISTINCT FROM OLD.status OR NEW.starts_at IS DISTINCT FROM OLD.starts_at)
-    EXECUTE FUNCTION barnum.status_events_trg();
+    EXECUTE FUNCTION barnum.status_events_trg()
+$trg$);

@@ -106,11 +106,12 @@ END
 $$;
 -- The statement-level trigger of the first release is replaced by the row
 -- trigger below (same name, so one definition is live at any time).
-DROP TRIGGER IF EXISTS trg_events_fanout ON barnum.whatsapp_events;
-CREATE TRIGGER trg_events_fanout
+SELECT barnum.ensure_trigger('barnum.whatsapp_events', 'trg_events_fanout', $trg$
+CREATE OR REPLACE TRIGGER trg_events_fanout
     AFTER INSERT ON barnum.whatsapp_events
     FOR EACH ROW WHEN (NEW.status = 'pending')
-    EXECUTE FUNCTION barnum.events_fanout_trg();
+    EXECUTE FUNCTION barnum.events_fanout_trg()
+$trg$);
 
 -- Event status summarises its deliveries; the workflow follows the event
 -- ('sent' once delivered, 'failed' when it died, 'cancelled' with the reason

@@ -177,9 +177,11 @@ BEGIN
     RETURN NEW;
 END
 $$;
+SELECT barnum.ensure_trigger('barnum.webhook_endpoints', 'trg_endpoint_status', $trg$
 CREATE OR REPLACE TRIGGER trg_endpoint_status
     BEFORE INSERT OR UPDATE ON barnum.webhook_endpoints
-    FOR EACH ROW EXECUTE FUNCTION barnum.endpoint_status_trg();
+    FOR EACH ROW EXECUTE FUNCTION barnum.endpoint_status_trg()
+$trg$);
 
 -- A URL is checked whatever writes it (a DBA's INSERT included): the
 -- structural rules of url_parts; https-unless-loopback stays the business of
@@ -192,9 +194,11 @@ BEGIN
     RETURN NEW;
 END
 $$;
+SELECT barnum.ensure_trigger('barnum.webhook_endpoints', 'trg_endpoint_url', $trg$
 CREATE OR REPLACE TRIGGER trg_endpoint_url
     BEFORE INSERT OR UPDATE OF url ON barnum.webhook_endpoints
-    FOR EACH ROW EXECUTE FUNCTION barnum.endpoint_url_trg();
+    FOR EACH ROW EXECUTE FUNCTION barnum.endpoint_url_trg()
+$trg$);
 
 -- Endpoints stored before the URL rules with a URL they refuse are switched
 -- off ('failed', with the reason): a URL such as http://evil#@localhost/

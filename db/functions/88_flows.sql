@@ -162,9 +162,11 @@ BEGIN
     RETURN NEW;
 END
 $$;
+SELECT barnum.ensure_trigger('barnum.flows', 'trg_flows_validate', $trg$
 CREATE OR REPLACE TRIGGER trg_flows_validate
     BEFORE INSERT OR UPDATE OF definition, name ON barnum.flows
-    FOR EACH ROW EXECUTE FUNCTION barnum.flows_validate_trg();
+    FOR EACH ROW EXECUTE FUNCTION barnum.flows_validate_trg()
+$trg$);
 
 -- ------------------------------------------------------------ executor
 -- {{var}} and {{contact.name}} from the session's context.

@@ -27,16 +27,18 @@ BEGIN
 END
 $$;
 
-DROP TRIGGER IF EXISTS trg_messages_realtime_insert ON barnum.messages;
-CREATE TRIGGER trg_messages_realtime_insert
+SELECT barnum.ensure_trigger('barnum.messages', 'trg_messages_realtime_insert', $trg$
+CREATE OR REPLACE TRIGGER trg_messages_realtime_insert
     AFTER INSERT ON barnum.messages
-    FOR EACH ROW EXECUTE FUNCTION barnum.realtime_notify_message();
+    FOR EACH ROW EXECUTE FUNCTION barnum.realtime_notify_message()
+$trg$);
 
-DROP TRIGGER IF EXISTS trg_messages_realtime_status ON barnum.messages;
-CREATE TRIGGER trg_messages_realtime_status
+SELECT barnum.ensure_trigger('barnum.messages', 'trg_messages_realtime_status', $trg$
+CREATE OR REPLACE TRIGGER trg_messages_realtime_status
     AFTER UPDATE OF status ON barnum.messages
     FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status)
-    EXECUTE FUNCTION barnum.realtime_notify_message();
+    EXECUTE FUNCTION barnum.realtime_notify_message()
+$trg$);
 
 CREATE OR REPLACE FUNCTION barnum.realtime_notify_session() RETURNS trigger
 LANGUAGE plpgsql
@@ -48,16 +50,18 @@ BEGIN
 END
 $$;
 
-DROP TRIGGER IF EXISTS trg_flow_sessions_realtime_insert ON barnum.flow_sessions;
-CREATE TRIGGER trg_flow_sessions_realtime_insert
+SELECT barnum.ensure_trigger('barnum.flow_sessions', 'trg_flow_sessions_realtime_insert', $trg$
+CREATE OR REPLACE TRIGGER trg_flow_sessions_realtime_insert
     AFTER INSERT ON barnum.flow_sessions
-    FOR EACH ROW EXECUTE FUNCTION barnum.realtime_notify_session();
+    FOR EACH ROW EXECUTE FUNCTION barnum.realtime_notify_session()
+$trg$);
 
-DROP TRIGGER IF EXISTS trg_flow_sessions_realtime_status ON barnum.flow_sessions;
-CREATE TRIGGER trg_flow_sessions_realtime_status
+SELECT barnum.ensure_trigger('barnum.flow_sessions', 'trg_flow_sessions_realtime_status', $trg$
+CREATE OR REPLACE TRIGGER trg_flow_sessions_realtime_status
     AFTER UPDATE OF status ON barnum.flow_sessions
     FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status)
-    EXECUTE FUNCTION barnum.realtime_notify_session();
+    EXECUTE FUNCTION barnum.realtime_notify_session()
+$trg$);
 
 -- The flow executor's "bot is typing" around its sends.  Like every NOTIFY it
 -- is delivered at commit, so start and stop in one transaction arrive
