@@ -2,7 +2,9 @@
 would run it — message printed with links, the confirm link works, Ctrl-C
 stops everything, the next run reuses the data (and PostgreSQL's port, and
 re-prints what still awaits an answer with fresh links), ``--reset`` starts
-over; plus the demo's message wording."""
+over; ``--whatsapp`` closes the loop without n8n (message sent to the fake
+Graph API, a tap posts the signed button reply, the appointment is
+confirmed); plus the demo's message wording."""
 
 from __future__ import annotations
 
@@ -21,13 +23,14 @@ import httpx
 import psycopg
 import pytest
 
-from listener.dev import render_message
+from listener.dev import phone_view, reissued, render_message
 from listener.pgcluster import free_port
 
 BARNUM = str(Path(sys.executable).parent / "barnum")
 CONFIRM = re.compile(r"(http://127\.0\.0\.1:\d+/api/action\?type=confirm&token=[A-Za-z0-9_-]+)")
 DSN = re.compile(r"psql '([^']+)'")
 REPRINTED = re.compile(r"Still awaiting[^\n]*\n[\s\S]*?" + CONFIRM.pattern)
+TAP = re.compile(r"▸ Confirmar: (http://127\.0\.0\.1:\d+/tap/(wamid\.DEV[A-F0-9]+)/\d+)")
 
 
 def pg_port(dsn: str) -> int:
@@ -227,6 +230,47 @@ def test_dev_reuses_its_data_and_reset_starts_over(project: Path) -> None:
     assert (project / ".barnum" / "port").read_text().strip() == str(pg_port(dsn3))
 
 
+def test_dev_whatsapp_closes_the_loop_without_n8n(project: Path) -> None:
+    dev = DevProcess(project, "--whatsapp")
+    try:
+        tap_link, wamid = dev.wait_for(TAP).groups()
+        dsn = dev.wait_for(DSN).group(1)
+        request = dev.output.split("📱 WhatsApp → +351912345678  [interactive]", 1)[1]
+        assert "Olá João!" in request and "Confirma?" in request
+        assert "▸ Cancelar:" in request and "▸ Reagendar:" in request
+        assert "/demo" not in dev.output, "the webhook demo endpoint must not print the message too"
+
+        def recorded() -> bool:
+            # The relay sent it natively: once it records Graph's answer, the
+            # fake's wamid is on the outbound message.
+            with psycopg.connect(dsn) as conn:
+                return conn.execute("SELECT direction FROM barnum.messages WHERE wa_message_id = %s",
+                                    (wamid,)).fetchone() == ("outbound",)
+
+        wait_until(recorded)
+        with psycopg.connect(dsn) as conn:
+            assert conn.execute("SELECT status::text FROM barnum.appointments").fetchone() == ("scheduled",)
+
+        page = httpx.get(tap_link, timeout=10)  # the patient taps "Confirmar"
+        assert page.status_code == 200
+        assert "Barnum answered <b>200</b>" in page.text and "&quot;acted&quot;: 1" in page.text
+
+        def confirmed() -> bool:
+            with psycopg.connect(dsn) as conn:
+                return conn.execute("SELECT status::text FROM barnum.appointments").fetchone() == ("confirmed",)
+
+        wait_until(confirmed)
+        dev.wait_for(re.compile(r"tapped “Confirmar” on \+351912345678 → POST /whatsapp/webhook: 200"))
+        # The confirmation goes out as a WhatsApp text, printed too.
+        dev.wait_for(re.compile(r"\[text\]\n\s+Obrigado, João! [^\n]* está confirmada\."))
+        # An unknown tap is a 404 page, and nothing was posted for it.
+        assert httpx.get(tap_link.rsplit("/", 1)[0] + "/9", timeout=10).status_code == 404
+        assert dev.interrupt() == 0
+    finally:
+        dev.kill()
+    assert "stopped" in dev.output
+
+
 def with_names(event_type: str, specialty: str | None, professional: str | None) -> dict[str, Any]:
     """A payload as the relay renders it, specialty/professional possibly NULL."""
     return {
@@ -260,3 +304,37 @@ def test_demo_messages_have_no_holes(locale: str, event_type: str) -> None:
     text = render_message(with_names(event_type, None, None), locale).splitlines()[1]
     assert "  " not in text.strip() and " ." not in text and " ," not in text, text
     assert "2026-11-26" in text and "10:00" in text
+
+
+def test_the_fake_phone_taps_lists_and_template_quick_replies_as_meta_posts_them() -> None:
+    listed = {"messaging_product": "whatsapp", "to": "351911111111", "type": "interactive", "interactive": {
+        "type": "list", "body": {"text": "Escolha"}, "action": {"button": "Opções", "sections": [
+            {"title": "A", "rows": [{"id": "r1", "title": "Manhã", "description": "9h–12h"},
+                                    {"id": "r2", "title": "Tarde"}]}]}}}
+    text, choices = phone_view(listed, "pt")
+    assert text == "Escolha\n[Opções]" and [c.title for c in choices] == ["Manhã", "Tarde"]
+    assert choices[0].reply == {"type": "interactive", "interactive": {
+        "type": "list_reply", "list_reply": {"id": "r1", "title": "Manhã", "description": "9h–12h"}}}
+
+    templated = {"messaging_product": "whatsapp", "to": "351911111111", "type": "template", "template": {
+        "name": "booking_request", "language": {"code": "pt_PT"}, "components": [
+            {"type": "body", "parameters": [{"type": "text", "text": "Ana"}, {"type": "text", "text": "2026-11-26"}]},
+            {"type": "button", "sub_type": "quick_reply", "index": "0",
+             "parameters": [{"type": "payload", "payload": "barnum:confirm:abc"}]},
+            {"type": "button", "sub_type": "quick_reply", "index": "1",
+             "parameters": [{"type": "payload", "payload": "other"}]}]}}
+    text, choices = phone_view(templated, "en")
+    assert "booking_request" in text and "Ana · 2026-11-26" in text
+    assert [c.title for c in choices] == ["Confirm", "button 2"]
+    # A template's quick reply comes back as a message of type "button".
+    assert choices[0].reply == {"type": "button", "button": {"payload": "barnum:confirm:abc", "text": "Confirm"}}
+
+
+def test_a_reissued_request_becomes_buttons_carrying_the_fresh_tokens() -> None:
+    payload = with_names("appointment.pre_confirmed", None, None)
+    payload["action_links"] = {"cancel": "http://127.0.0.1:8000/api/action?type=cancel&token=tokcancel",
+                               "confirm": "http://127.0.0.1:8000/api/action?type=confirm&token=tokconfirm"}
+    to, text, choices = reissued(payload, "pt")
+    assert to == "351911111111" and text == "Olá Ana! Tem uma consulta a 2026-11-26 às 10:00. Confirma?"
+    assert [(c.title, c.reply["interactive"]["button_reply"]["id"]) for c in choices] == [
+        ("Confirmar", "barnum:confirm:tokconfirm"), ("Cancelar", "barnum:cancel:tokcancel")]
