@@ -589,27 +589,23 @@ AS $$
         (SELECT min(locked_until) FROM barnum.webhook_deliveries WHERE status = 'processing'))
 $$;
 
--- Put dead letters back in the queue with a fresh attempt budget.
-CREATE OR REPLACE FUNCTION barnum.retry_dead_letters(p_event_id uuid DEFAULT NULL) RETURNS int
-LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = barnum, pg_temp
+-- Re-queue deliveries (dead letters) with a fresh attempt budget; a failed
+-- workflow that went down with its event is live again.
+CREATE OR REPLACE FUNCTION barnum.requeue_deliveries(p_ids bigint[]) RETURNS int
+LANGUAGE plpgsql
 AS $$
 DECLARE
     touched uuid[];
     n int;
 BEGIN
-    IF p_event_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM barnum.whatsapp_events WHERE id = p_event_id) THEN
-        PERFORM barnum.fail('BN404', format('event %s not found', p_event_id));
-    END IF;
     WITH r AS (
         UPDATE barnum.webhook_deliveries
            SET status = 'pending', attempts = 0, next_attempt_at = barnum.clock(),
                locked_by = NULL, locked_until = NULL
-         WHERE status = 'dead_letter' AND (p_event_id IS NULL OR event_id = p_event_id)
+         WHERE id = ANY (p_ids) AND status = 'dead_letter'
         RETURNING event_id)
     SELECT array_agg(DISTINCT event_id), count(*) INTO touched, n FROM r;
     IF n > 0 THEN
-        -- A workflow that failed with its event is live again.
         UPDATE barnum.whatsapp_workflows w SET status = 'pending'
           FROM barnum.whatsapp_events e
          WHERE e.id = ANY (touched) AND w.id = e.workflow_id AND w.status = 'failed';
@@ -617,6 +613,22 @@ BEGIN
         PERFORM barnum.wake_relays();
     END IF;
     RETURN n;
+END
+$$;
+
+-- Put dead letters back in the queue with a fresh attempt budget: all, or
+-- one event's.
+CREATE OR REPLACE FUNCTION barnum.retry_dead_letters(p_event_id uuid DEFAULT NULL) RETURNS int
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = barnum, pg_temp
+AS $$
+BEGIN
+    IF p_event_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM barnum.whatsapp_events WHERE id = p_event_id) THEN
+        PERFORM barnum.fail('BN404', format('event %s not found', p_event_id));
+    END IF;
+    RETURN barnum.requeue_deliveries(ARRAY(
+        SELECT id FROM barnum.webhook_deliveries
+         WHERE status = 'dead_letter' AND (p_event_id IS NULL OR event_id = p_event_id)));
 END
 $$;
 

@@ -556,33 +556,6 @@ BEGIN
 END
 $$;
 
--- Re-queue deliveries (dead letters) with a fresh attempt budget; a failed
--- workflow that went down with its event is live again.
-CREATE OR REPLACE FUNCTION barnum.requeue_deliveries(p_ids bigint[]) RETURNS int
-LANGUAGE plpgsql
-AS $$
-DECLARE
-    touched uuid[];
-    n int;
-BEGIN
-    WITH r AS (
-        UPDATE barnum.webhook_deliveries
-           SET status = 'pending', attempts = 0, next_attempt_at = barnum.clock(),
-               locked_by = NULL, locked_until = NULL
-         WHERE id = ANY (p_ids) AND status = 'dead_letter'
-        RETURNING event_id)
-    SELECT array_agg(DISTINCT event_id), count(*) INTO touched, n FROM r;
-    IF n > 0 THEN
-        UPDATE barnum.whatsapp_workflows w SET status = 'pending'
-          FROM barnum.whatsapp_events e
-         WHERE e.id = ANY (touched) AND w.id = e.workflow_id AND w.status = 'failed';
-        PERFORM barnum.refresh_events(touched);
-        PERFORM barnum.wake_relays();
-    END IF;
-    RETURN n;
-END
-$$;
-
 -- POST /api/webhooks/events/{event_id}/retry: this account's dead deliveries
 -- of one event go out again.
 CREATE OR REPLACE FUNCTION barnum.api_retry_event(p_token text, p_event_id text) RETURNS jsonb
