@@ -531,6 +531,7 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0)
 
 
 def run_once(db: Database, scenario: str, args: argparse.Namespace) -> dict[str, Any]:
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())  # a shared box: say how busy it was
     with db.fresh() as dsn:
         total = args.requests + args.warmup
         verify: Verify
@@ -583,6 +584,7 @@ def run_once(db: Database, scenario: str, args: argparse.Namespace) -> dict[str,
                         shim.wait()
             result["log_lines"] = sum(1 for _ in open(log_path, "rb"))
         result["check"], result["check_ok"] = verify(dsn)
+        result["load"] = load_before
         return result
 
 
@@ -607,19 +609,19 @@ def record(command: str, args: argparse.Namespace, db: Database, runs: dict[str,
         f"PATCH over {args.patch_webhooks} webhooks. Every answer checked (status and body): 'bad' counts "
         f"the wrong ones. Target ≥ {TARGET_RPS} req/s, p99 ≤ {TARGET_P99_MS:.0f} ms (actions and callbacks).\n",
         "\n| scenario | run | req/s | p50 ms | p90 ms | p99 ms | max ms | shim CPU ms/req | PG CPU ms/req "
-        "| statuses | bad | check afterwards |",
-        "\n|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
+        "| statuses | bad | check afterwards | load avg before |",
+        "\n|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---|",
     ]
     for scenario, results in runs.items():
         for i, r in enumerate(results, 1):
             lines.append(
                 f"\n| {scenario} | {i} | {r['rps']:.0f} | {r['p50']:.2f} | {r['p90']:.2f} | {r['p99']:.2f} | "
                 f"{r['max']:.1f} | {r['shim_cpu_ms']:.3f} | {fmt(r['pg_cpu_ms'])} | {r['statuses']} | "
-                f"{r['bad_answers']} | {r['check']} |")
+                f"{r['bad_answers']} | {r['check']} | {r['load']} |")
         med = median_of(results)
         lines.append(
             f"\n| **{scenario} median** | | **{med['rps']:.0f}** | **{med['p50']:.2f}** | {med['p90']:.2f} | "
-            f"**{med['p99']:.2f}** | | {med['shim_cpu_ms']:.3f} | {fmt(med['pg_cpu_ms'])} | | | |")
+            f"**{med['p99']:.2f}** | | {med['shim_cpu_ms']:.3f} | {fmt(med['pg_cpu_ms'])} | | | | |")
     path = ROOT / "bench" / "RESULTS.md"
     if not path.exists():
         path.write_text("# Benchmark results\n\nAppended by the scripts in `bench/` (see each one's docstring).\n")
@@ -683,7 +685,7 @@ def main() -> int:
                 print(f"{scenario:12} run {i + 1}: {r['rps']:7.0f} req/s  p50 {r['p50']:6.2f} ms  "
                       f"p90 {r['p90']:6.2f} ms  p99 {r['p99']:6.2f} ms  max {r['max']:7.1f} ms  "
                       f"shim CPU {r['shim_cpu_ms']:.3f} ms/req  PG CPU {fmt(r['pg_cpu_ms'])} ms/req  "
-                      f"statuses {r['statuses']}  bad {r['bad_answers']}  {r['check']}"
+                      f"statuses {r['statuses']}  bad {r['bad_answers']}  {r['check']}  load {r['load']}"
                       f"{'' if good else '  <-- NOT ALL OK'}", flush=True)
                 for sample in r["bad_samples"]:
                     print(f"    bad answer: {sample}", flush=True)
