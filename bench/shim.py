@@ -1,7 +1,10 @@
-"""Shim benchmark (issue 4): action-link POSTs and signed callbacks per second.
+"""Shim benchmark (issues 4 and 13): action links, signed callbacks and the
+management API, requests per second.
 
-    .venv/bin/python bench/shim.py                                  # both scenarios, 3 runs each
+    .venv/bin/python bench/shim.py                                  # actions + callbacks, 3 runs each
     .venv/bin/python bench/shim.py --scenario callbacks --requests 20000 --runs 5
+    .venv/bin/python bench/shim.py --scenario api                   # every management-API scenario
+    .venv/bin/python bench/shim.py --scenario api-events,api-list --runs 2
     BENCH_DATABASE_URL=postgresql://… .venv/bin/python bench/shim.py
 
 One shim process (``listener.shim.main``: one uvicorn worker, uvloop +
@@ -14,17 +17,40 @@ as in production, written to a file) and one load-generator process (aiohttp,
   (token lock, appointment → confirmed, workflow completed, follow-up event
   with its outbox delivery row for the configured endpoint and NOTIFY), one
   transaction per request.
-* ``callbacks``: ``POST /api/webhook`` with an HMAC-signed (``X-Webhook-Signature``)
-  ``confirm`` callback, one appointment per request, each with its own
-  ``X-Idempotency-Key`` — signature check, JSON check, one ``handle_callback``.
+* ``callbacks``: ``POST /api/webhook`` with a signed ``confirm`` callback, one
+  appointment per request — signature check, JSON check, one
+  ``handle_callback``.  ``--callback-signing standard`` (the default, as the
+  README documents): Standard Webhooks headers signed by the load generator
+  just before sending (a unique ``webhook-id``, a fresh ``webhook-timestamp``);
+  ``hex``: the seed's ``X-Webhook-Signature`` over the body alone.
+
+Management API (``/api/webhooks/…``, a ``bnt_`` bearer token of account
+``bench``; another account ``other`` holds as many webhooks, so scoping is
+not free):
+
+* ``api-list``: ``GET /api/webhooks/list`` — ``--api-webhooks`` (20) webhooks.
+* ``api-get``: ``GET /api/webhooks/{id}`` over those webhooks in turn.
+* ``api-register``: ``POST /api/webhooks/register``, a new phone number per
+  request, so each one creates a webhook (201 with its secret).
+* ``api-upsert``: the same route for numbers already registered (one webhook
+  per request, seeded first): each one updates its webhook (200).
+* ``api-patch``: ``PATCH /api/webhooks/{id}`` ``{"metadata": …}`` over 1,000
+  webhooks in turn (no two requests in flight on one row).
+* ``api-events``: ``GET /api/webhooks/{id}/events?limit=50[&cursor=…]`` over
+  every page of one webhook's ``--event-deliveries`` (5,000) deliveries, each
+  with one attempt; the account's other webhooks got the same events, so the
+  outbox holds ``--api-webhooks`` × as many delivery rows.
 
 Every run gets a fresh database cloned from a migrated template and seeded
-with one active webhook endpoint and requests + warm-up appointments; the first ``--warmup`` requests are
-not timed.  CPU seconds of the shim process and of the whole PostgreSQL
-cluster (private cluster only) are sampled around the timed phase and
-reported per request: on a 2-core box they show where the ceiling is.
-Afterwards the bench checks that every request answered 200 and
-that every appointment was confirmed exactly once.
+for its scenario; the first ``--warmup`` requests are not timed.  CPU seconds
+of the shim process and of the whole PostgreSQL cluster (private cluster
+only) are sampled around the timed phase and reported per request: on a
+2-core box they show where the ceiling is.  Every answer is checked — its
+status and a part of its body that only the right answer has (the request's
+webhook id or phone number, the number of webhooks or deliveries listed) —
+and afterwards the database: every appointment confirmed exactly once, N
+registrations made exactly N webhooks, every upsert/PATCH landed, read-only
+scenarios changed nothing.
 
 PostgreSQL: ``BENCH_DATABASE_URL`` (a server we may create databases on), or a
 private cluster from local binaries (``listener.pgcluster.LocalCluster``) with
@@ -38,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import hashlib
 import hmac
 import json
@@ -52,7 +79,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -83,7 +110,12 @@ def serve(port: int) -> int:
 
 
 def load(work_file: str, url: str, concurrency: int, warmup: int) -> int:
-    """``--load FILE``: replay the requests of FILE; print one JSON result line."""
+    """``--load FILE``: replay the requests of FILE; print one JSON result line.
+
+    A work item: ``u`` path, ``m`` method (POST), ``b`` body, ``h`` headers,
+    ``sw`` sign with Standard Webhooks now (key: ``WEBHOOK_SECRET``), ``s``
+    expected status (200), ``c`` substrings the answer must hold, ``n``
+    ``[substring, count]`` it must hold exactly that often."""
     import aiohttp
 
     try:
@@ -95,6 +127,16 @@ def load(work_file: str, url: str, concurrency: int, warmup: int) -> int:
 
     with open(work_file, encoding="utf-8") as f:
         work = [json.loads(line) for line in f]
+    key = os.environ.get("WEBHOOK_SECRET", "").encode()
+    bad: list[str] = []
+
+    def check(item: dict[str, Any], status: int, body: bytes) -> bool:
+        if status != item.get("s", 200):
+            return False
+        if any(c.encode() not in body for c in item.get("c", ())):
+            return False
+        counted = item.get("n")
+        return counted is None or body.count(counted[0].encode()) == counted[1]
 
     async def phase(items: list[dict[str, Any]], session: aiohttp.ClientSession) -> tuple[list[float], dict[int, int]]:
         latencies: list[float] = []
@@ -106,12 +148,20 @@ def load(work_file: str, url: str, concurrency: int, warmup: int) -> int:
                 headers = item.get("h") or {}
                 data = item["b"].encode() if "b" in item else None
                 started = time.perf_counter()
+                if item.get("sw") and data is not None:
+                    # Signed at send time: a unique id and a fresh timestamp (timed, as a sender pays it).
+                    msg_id, stamp = f"msg_{uuid.uuid4().hex}", str(int(time.time()))
+                    mac = hmac.new(key, f"{msg_id}.{stamp}.".encode() + data, hashlib.sha256).digest()
+                    headers = {**headers, "webhook-id": msg_id, "webhook-timestamp": stamp,
+                               "webhook-signature": "v1," + base64.b64encode(mac).decode()}
                 async with session.request(item.get("m", "POST"), url + item["u"], data=data,
                                            headers=headers) as resp:
-                    await resp.read()
+                    body = await resp.read()
                     status = resp.status
                 latencies.append(time.perf_counter() - started)
                 statuses[status] = statuses.get(status, 0) + 1
+                if not check(item, status, body):
+                    bad.append(f"{item.get('m', 'POST')} {item['u'][:80]} -> {status} {body[:300]!r}")
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return latencies, statuses
@@ -141,6 +191,8 @@ def load(work_file: str, url: str, concurrency: int, warmup: int) -> int:
             "max": latencies[-1] * 1000,
             "statuses": {str(k): v for k, v in sorted(statuses.items())},
             "warmup_statuses": {str(k): v for k, v in sorted(warm_statuses.items())},
+            "bad_answers": len(bad),
+            "bad_samples": bad[:3],
         }
 
     print(json.dumps(asyncio.run(main())), flush=True)
@@ -263,17 +315,21 @@ def action_work(dsn: str, appointments: list[tuple[str, str]]) -> list[dict[str,
             "SELECT barnum.generate_action_token('confirm', a.id, a.patient_id) "
             "FROM barnum.appointments a ORDER BY a.starts_at").fetchall()
         conn.execute("VACUUM ANALYZE barnum.whatsapp_action_tokens")
-    return [{"u": f"/api/action?type=confirm&token={r[0]}"} for r in rows]
+    # The confirmation page (an error page has another icon and status).
+    return [{"u": f"/api/action?type=confirm&token={r[0]}", "c": ['class="icon ok"']} for r in rows]
 
 
-def callback_work(appointments: list[tuple[str, str]]) -> list[dict[str, Any]]:
-    work = []
+def callback_work(appointments: list[tuple[str, str]], signing: str) -> list[dict[str, Any]]:
+    work: list[dict[str, Any]] = []
     for appointment_id, _ in appointments:
         body = json.dumps({"action": "confirm", "appointmentId": appointment_id, "patientResponse": "SIM"})
-        signature = hmac.new(SECRET.encode(), body.encode(), hashlib.sha256).hexdigest()
-        work.append({"u": "/api/webhook", "b": body, "h": {
-            "Content-Type": "application/json", "X-Webhook-Signature": signature,
-            "X-Idempotency-Key": f"bench-{uuid.uuid4()}"}})
+        item: dict[str, Any] = {"u": "/api/webhook", "b": body, "h": {"Content-Type": "application/json"},
+                                "c": ['"success": true']}
+        if signing == "standard":
+            item["sw"] = True  # signed by the load generator when sent
+        else:
+            item["h"]["X-Webhook-Signature"] = hmac.new(SECRET.encode(), body.encode(), hashlib.sha256).hexdigest()
+        work.append(item)
     return work
 
 
@@ -281,6 +337,160 @@ def confirmed_count(dsn: str) -> int:
     with psycopg_admin(dsn) as conn:
         row = conn.execute("SELECT count(*) FROM barnum.appointments WHERE status = 'confirmed'").fetchone()
     return int(row[0]) if row else 0
+
+
+# ------------------------------------------------------------------ management API
+
+API_SCENARIOS = ["api-list", "api-get", "api-register", "api-upsert", "api-patch", "api-events"]
+SCENARIOS = ["actions", "callbacks", *API_SCENARIOS]
+HOOK = "http://127.0.0.1:9/hook"  # loopback http is allowed; nothing is delivered during the bench
+JSON_HEADERS = {"Content-Type": "application/json"}
+Verify = Callable[[str], tuple[str, bool]]
+
+
+def api_seed(conn: Any, webhooks: int) -> tuple[str, list[str]]:
+    """Accounts ``bench`` and ``other`` with ``webhooks`` webhooks each (registered
+    through the API's own function); the bench token and its webhook ids."""
+    tokens = {}
+    for account in ("other", "bench"):
+        conn.execute("SELECT barnum.account_add(%s)", (account,))
+        tokens[account] = conn.execute("SELECT barnum.api_token_create(%s, 'bench') ->> 'token'",
+                                       (account,)).fetchone()[0]
+    register_many(conn, tokens["other"], "+35190", webhooks)
+    return tokens["bench"], register_many(conn, tokens["bench"], "+35191", webhooks)
+
+
+def register_many(conn: Any, token: str, prefix: str, count: int) -> list[str]:
+    return [r[0] for r in conn.execute(
+        "SELECT barnum.api_register_webhook(%s, jsonb_build_object("
+        "  'phone_number', %s || lpad(g::text, 8, '0'), 'webhook_url', %s::text)) -> 'webhook' ->> 'id' "
+        "FROM generate_series(1, %s) g ORDER BY g", (token, prefix, HOOK, count)).fetchall()]
+
+
+def snapshot(dsn: str) -> str:
+    """A digest of every webhook and delivery: read-only scenarios must not change it."""
+    with psycopg_admin(dsn) as conn:
+        row = conn.execute(
+            "SELECT (SELECT md5(coalesce(string_agg(w::text, ',' ORDER BY id), '')) FROM barnum.webhook_endpoints w)"
+            "    || (SELECT md5(coalesce(string_agg(d::text, ',' ORDER BY id), '')) FROM barnum.webhook_deliveries d)"
+            "    || (SELECT count(*) FROM barnum.webhook_attempts)::text").fetchone()
+    return str(row[0]) if row else "?"
+
+
+def bench_webhooks(dsn: str, where: str = "true") -> int:
+    with psycopg_admin(dsn) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM barnum.webhook_endpoints w JOIN barnum.accounts a ON a.id = w.account_id "
+            f"WHERE a.name = 'bench' AND ({where})").fetchone()
+    return int(row[0]) if row else 0
+
+
+def unchanged(dsn: str) -> Verify:
+    before = snapshot(dsn)
+
+    def verify(dsn: str) -> tuple[str, bool]:
+        same = snapshot(dsn) == before
+        return ("webhooks and deliveries unchanged" if same else "DATA CHANGED"), same
+
+    return verify
+
+
+def api_work(dsn: str, scenario: str, total: int, args: argparse.Namespace) -> tuple[list[dict[str, Any]], Verify]:
+    n = args.api_webhooks
+    with psycopg_admin(dsn) as conn:
+        token, ids = api_seed(conn, n)
+        auth = {"Authorization": f"Bearer {token}"}
+        if scenario == "api-list":
+            work: list[dict[str, Any]] = [{"u": "/api/webhooks/list", "m": "GET", "h": auth, "c": ['{"success": true'],
+                     "n": ['"webhook_url"', n]}] * total
+        elif scenario == "api-get":
+            work = [{"u": f"/api/webhooks/{ids[i % n]}", "m": "GET", "h": auth,
+                     "c": ['{"success": true', f'"id": "{ids[i % n]}"']} for i in range(total)]
+        elif scenario == "api-register":
+            work = [{"u": "/api/webhooks/register", "h": {**auth, **JSON_HEADERS}, "s": 201,
+                     "b": json.dumps({"phone_number": f"+35192{i:08d}", "webhook_url": HOOK}),
+                     "c": ['"created": true', f'"phone_number": "35192{i:08d}"', '"secret": "whsec_']}
+                    for i in range(total)]
+        elif scenario == "api-upsert":
+            register_many(conn, token, "+35193", total)
+            work = [{"u": "/api/webhooks/register", "h": {**auth, **JSON_HEADERS},
+                     "b": json.dumps({"phone_number": f"+35193{i + 1:08d}", "webhook_url": HOOK + "2"}),
+                     "c": ['"created": false', f'"phone_number": "35193{i + 1:08d}"', f'"webhook_url": "{HOOK}2"']}
+                    for i in range(total)]
+        elif scenario == "api-patch":
+            rows = register_many(conn, token, "+35194", args.patch_webhooks)
+            work = [{"u": f"/api/webhooks/{rows[i % len(rows)]}", "m": "PATCH", "h": {**auth, **JSON_HEADERS},
+                     "b": json.dumps({"metadata": {"bench": i}}),
+                     "c": [f'"id": "{rows[i % len(rows)]}"', f'"metadata": {{"bench": {i}}}']} for i in range(total)]
+        elif scenario == "api-events":
+            work = events_work(conn, ids[0], auth, total, args.event_deliveries)
+        else:
+            raise ValueError(scenario)
+        conn.execute("VACUUM ANALYZE")
+
+    verify: Verify
+    if scenario == "api-register":
+        def verify(dsn: str) -> tuple[str, bool]:
+            made, all_ = bench_webhooks(dsn, "phone_number LIKE '35192%'"), bench_webhooks(dsn)
+            return f"created {made}/{total} (account {all_}/{n + total})", made == total and all_ == n + total
+    elif scenario == "api-upsert":
+        def verify(dsn: str) -> tuple[str, bool]:
+            moved, all_ = bench_webhooks(dsn, f"url = '{HOOK}2'"), bench_webhooks(dsn)
+            return f"updated {moved}/{total} (account {all_}/{n + total})", moved == total and all_ == n + total
+    elif scenario == "api-patch":
+        # The last request for each webhook wins (requests for one row are len(rows) apart).
+        count = args.patch_webhooks
+        last = {k: max(i for i in range(k, total, count)) for k in range(min(count, total))}
+
+        def verify(dsn: str) -> tuple[str, bool]:
+            with psycopg_admin(dsn) as conn:
+                got = dict(conn.execute(
+                    "SELECT right(phone_number, 8)::int - 1, (metadata ->> 'bench')::int FROM barnum.webhook_endpoints "
+                    "WHERE phone_number LIKE '35194%'").fetchall())
+            ok = all(got.get(k) == v for k, v in last.items())
+            return f"patched {sum(got.get(k) == v for k, v in last.items())}/{len(last)}", ok
+    else:
+        verify = unchanged(dsn)
+    return work, verify
+
+
+def events_work(conn: Any, webhook_id: str, auth: dict[str, str], total: int,
+                deliveries: int) -> list[dict[str, Any]]:
+    """``deliveries`` events in account bench, each delivered (one attempt) to
+    every webhook of the account; requests walk every page of ``webhook_id``."""
+    # Written as the relay leaves them (one row version each, in id order), not
+    # pending-then-updated: a bulk UPDATE would move every row and leave a
+    # heap order no real outbox has.  Events inserted as 'sent' skip the fan-out trigger.
+    conn.execute(
+        "INSERT INTO barnum.whatsapp_events (account_id, event_type, entity_type, entity_id, data, status, "
+        "                                    processed_at, created_at) "
+        "SELECT (SELECT id FROM barnum.accounts WHERE name = 'bench'), 'message.received', 'message', "
+        "       gen_random_uuid(), jsonb_build_object('n', g), 'sent', now(), now() - (%s - g) * interval '1 second' "
+        "FROM generate_series(1, %s) g", (deliveries, deliveries))
+    conn.execute(
+        "INSERT INTO barnum.webhook_deliveries (event_id, endpoint_id, status, attempts, next_attempt_at, "
+        "                                       last_http_status, delivered_at, created_at) "
+        "SELECT e.id, w.id, 'sent', 1, e.created_at, 200, e.created_at, e.created_at "
+        "  FROM barnum.whatsapp_events e JOIN barnum.accounts a ON a.id = e.account_id AND a.name = 'bench' "
+        "  JOIN barnum.webhook_endpoints w ON w.account_id = e.account_id "
+        " ORDER BY e.created_at, w.created_at, w.id")
+    conn.execute("INSERT INTO barnum.webhook_attempts (delivery_id, attempt, started_at, duration_ms, http_status, "
+                 "                                     response_body) "
+                 "SELECT id, 1, created_at, 12, 200, '{\"ok\": true}' FROM barnum.webhook_deliveries ORDER BY id")
+    rows = conn.execute("SELECT id, event_id::text FROM barnum.webhook_deliveries WHERE endpoint_id = %s "
+                        "ORDER BY id DESC", (webhook_id,)).fetchall()
+    if len(rows) != deliveries:
+        raise RuntimeError(f"seeded {len(rows)} deliveries for the webhook, wanted {deliveries}")
+    pages = []
+    for start in range(0, len(rows), 50):
+        page = rows[start:start + 50]
+        cursor = "" if start == 0 else f"&cursor={rows[start - 1][0]}"
+        last_page = start + 50 >= len(rows)
+        pages.append({"u": f"/api/webhooks/{webhook_id}/events?limit=50{cursor}", "m": "GET", "h": auth,
+                      "n": ['"event_id"', len(page)],
+                      "c": [f'"event_id": "{page[0][1]}"', f'"event_id": "{page[-1][1]}"',
+                            '"next_cursor": null' if last_page else f'"next_cursor": "{page[-1][0]}"']})
+    return [pages[i % len(pages)] for i in range(total)]
 
 
 # ------------------------------------------------------------------ one run
@@ -321,10 +531,20 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0)
 
 
 def run_once(db: Database, scenario: str, args: argparse.Namespace) -> dict[str, Any]:
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())  # a shared box: say how busy it was
     with db.fresh() as dsn:
         total = args.requests + args.warmup
-        appointments = seed(dsn, total)
-        work = action_work(dsn, appointments) if scenario == "actions" else callback_work(appointments)
+        verify: Verify
+        if scenario in ("actions", "callbacks"):
+            appointments = seed(dsn, total)
+            work = (action_work(dsn, appointments) if scenario == "actions"
+                    else callback_work(appointments, args.callback_signing))
+
+            def verify(dsn: str) -> tuple[str, bool]:
+                confirmed = confirmed_count(dsn)
+                return f"confirmed {confirmed}/{total}", confirmed == total
+        else:
+            work, verify = api_work(dsn, scenario, total, args)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         env = {**os.environ, "DATABASE_URL": dsn, "WEBHOOK_SECRET": SECRET,
@@ -363,8 +583,8 @@ def run_once(db: Database, scenario: str, args: argparse.Namespace) -> dict[str,
                         shim.kill()
                         shim.wait()
             result["log_lines"] = sum(1 for _ in open(log_path, "rb"))
-        result["confirmed"] = confirmed_count(dsn)
-        result["expected_confirmed"] = total
+        result["check"], result["check_ok"] = verify(dsn)
+        result["load"] = load_before
         return result
 
 
@@ -383,21 +603,25 @@ def record(command: str, args: argparse.Namespace, db: Database, runs: dict[str,
         f"\nOne uvicorn worker (uvloop + httptools), aiohttp load generator with {args.concurrency} in flight, "
         f"{args.requests} timed requests per run after {args.warmup} warm-up; log level {args.log_level}; "
         f"PostgreSQL {db.version} ({db.kind}); {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-        f"commit {commit}. Target ≥ {TARGET_RPS} req/s, p99 ≤ {TARGET_P99_MS:.0f} ms.\n",
+        f"commit {commit}; callbacks signed {args.callback_signing}"
+        f"{'' if args.callback_signing == 'hex' else ' (Standard Webhooks, signed by the load generator)'}; "
+        f"management API: {args.api_webhooks} webhooks per account, events over {args.event_deliveries} deliveries, "
+        f"PATCH over {args.patch_webhooks} webhooks. Every answer checked (status and body): 'bad' counts "
+        f"the wrong ones. Target ≥ {TARGET_RPS} req/s, p99 ≤ {TARGET_P99_MS:.0f} ms (actions and callbacks).\n",
         "\n| scenario | run | req/s | p50 ms | p90 ms | p99 ms | max ms | shim CPU ms/req | PG CPU ms/req "
-        "| statuses | confirmed |",
-        "\n|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "| statuses | bad | check afterwards | load avg before |",
+        "\n|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---|",
     ]
     for scenario, results in runs.items():
         for i, r in enumerate(results, 1):
             lines.append(
                 f"\n| {scenario} | {i} | {r['rps']:.0f} | {r['p50']:.2f} | {r['p90']:.2f} | {r['p99']:.2f} | "
                 f"{r['max']:.1f} | {r['shim_cpu_ms']:.3f} | {fmt(r['pg_cpu_ms'])} | {r['statuses']} | "
-                f"{r['confirmed']}/{r['expected_confirmed']} |")
+                f"{r['bad_answers']} | {r['check']} | {r['load']} |")
         med = median_of(results)
         lines.append(
             f"\n| **{scenario} median** | | **{med['rps']:.0f}** | **{med['p50']:.2f}** | {med['p90']:.2f} | "
-            f"**{med['p99']:.2f}** | | {med['shim_cpu_ms']:.3f} | {fmt(med['pg_cpu_ms'])} | | |")
+            f"**{med['p99']:.2f}** | | {med['shim_cpu_ms']:.3f} | {fmt(med['pg_cpu_ms'])} | | | | |")
     path = ROOT / "bench" / "RESULTS.md"
     if not path.exists():
         path.write_text("# Benchmark results\n\nAppended by the scripts in `bench/` (see each one's docstring).\n")
@@ -419,7 +643,14 @@ def median_of(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenario", choices=["actions", "callbacks", "both"], default="both")
+    parser.add_argument("--scenario", default="both",
+                        help=f"comma-separated among {', '.join(SCENARIOS)}; or both (actions,callbacks), "
+                             "api (every api-*), all")
+    parser.add_argument("--callback-signing", choices=["standard", "hex"], default="standard",
+                        help="callbacks: Standard Webhooks headers (default) or the seed's hex over the body")
+    parser.add_argument("--api-webhooks", type=int, default=20, help="webhooks per account (api-*)")
+    parser.add_argument("--event-deliveries", type=int, default=5000, help="api-events: the webhook's deliveries")
+    parser.add_argument("--patch-webhooks", type=int, default=1000, help="api-patch: webhooks PATCHed in turn")
     parser.add_argument("--requests", type=int, default=20000, help="timed requests per run")
     parser.add_argument("--warmup", type=int, default=1000, help="untimed requests first")
     parser.add_argument("--concurrency", type=int, default=32)
@@ -436,7 +667,11 @@ def main() -> int:
         return load(args.load, args.url, args.concurrency, args.warmup)
 
     command = " ".join([".venv/bin/python", "bench/shim.py", *sys.argv[1:]])
-    scenarios = ["actions", "callbacks"] if args.scenario == "both" else [args.scenario]
+    groups = {"both": ["actions", "callbacks"], "api": API_SCENARIOS, "all": SCENARIOS}
+    scenarios = [x for name in args.scenario.split(",") for x in groups.get(name.strip(), [name.strip()])]
+    unknown = sorted(set(scenarios) - set(SCENARIOS))
+    if unknown:
+        parser.error(f"unknown scenario(s): {', '.join(unknown)} (choose among {', '.join(SCENARIOS)}, both, api, all)")
     db = Database()
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in scenarios}
     ok = True
@@ -445,21 +680,24 @@ def main() -> int:
             for scenario in scenarios:
                 r = run_once(db, scenario, args)
                 runs[scenario].append(r)
-                good = r["statuses"] == {"200": r["requests"]} and r["confirmed"] == r["expected_confirmed"]
+                good = r["bad_answers"] == 0 and r["check_ok"]
                 ok &= good
-                print(f"{scenario:9} run {i + 1}: {r['rps']:7.0f} req/s  p50 {r['p50']:6.2f} ms  "
+                print(f"{scenario:12} run {i + 1}: {r['rps']:7.0f} req/s  p50 {r['p50']:6.2f} ms  "
                       f"p90 {r['p90']:6.2f} ms  p99 {r['p99']:6.2f} ms  max {r['max']:7.1f} ms  "
                       f"shim CPU {r['shim_cpu_ms']:.3f} ms/req  PG CPU {fmt(r['pg_cpu_ms'])} ms/req  "
-                      f"statuses {r['statuses']}  confirmed {r['confirmed']}/{r['expected_confirmed']}"
+                      f"statuses {r['statuses']}  bad {r['bad_answers']}  {r['check']}  load {r['load']}"
                       f"{'' if good else '  <-- NOT ALL OK'}", flush=True)
+                for sample in r["bad_samples"]:
+                    print(f"    bad answer: {sample}", flush=True)
     finally:
         db.close()
     for scenario, results in runs.items():
         med = median_of(results)
         verdict = "meets" if med["rps"] >= TARGET_RPS and med["p99"] <= TARGET_P99_MS else "misses"
-        print(f"{scenario:9} median: {med['rps']:.0f} req/s, p50 {med['p50']:.2f} ms, p99 {med['p99']:.2f} ms, "
-              f"shim CPU {med['shim_cpu_ms']:.3f} ms/req, PG CPU {fmt(med['pg_cpu_ms'])} ms/req "
-              f"({verdict} the target ≥ {TARGET_RPS} req/s, p99 ≤ {TARGET_P99_MS:.0f} ms)")
+        target = (f" ({verdict} the target ≥ {TARGET_RPS} req/s, p99 ≤ {TARGET_P99_MS:.0f} ms)"
+                  if scenario in ("actions", "callbacks") else "")
+        print(f"{scenario:12} median: {med['rps']:.0f} req/s, p50 {med['p50']:.2f} ms, p99 {med['p99']:.2f} ms, "
+              f"shim CPU {med['shim_cpu_ms']:.3f} ms/req, PG CPU {fmt(med['pg_cpu_ms'])} ms/req{target}")
     if not args.no_record:
         record(command, args, db, runs)
     return 0 if ok else 1
