@@ -1,10 +1,11 @@
-"""Shim benchmark (issues 4 and 13): action links, signed callbacks and the
-management API, requests per second.
+"""Shim benchmark (issues 4, 13 and 14): action links, signed callbacks, the
+management API and the WhatsApp webhook, requests per second.
 
     .venv/bin/python bench/shim.py                                  # actions + callbacks, 3 runs each
     .venv/bin/python bench/shim.py --scenario callbacks --requests 20000 --runs 5
     .venv/bin/python bench/shim.py --scenario api                   # every management-API scenario
     .venv/bin/python bench/shim.py --scenario api-events,api-list --runs 2
+    .venv/bin/python bench/shim.py --scenario inbound,inbound-dup  # WhatsApp webhook: new messages, redeliveries
     BENCH_DATABASE_URL=postgresql://… .venv/bin/python bench/shim.py
 
 One shim process (``listener.shim.main``: one uvicorn worker, uvloop +
@@ -41,6 +42,20 @@ not free):
   with one attempt; the account's other webhooks got the same events, so the
   outbox holds ``--api-webhooks`` × as many delivery rows.
 
+WhatsApp Cloud API webhook (issue 14; ``POST /whatsapp/webhook``, a
+Meta-shaped text-message notification signed with ``X-Hub-Signature-256``
+over the raw body; the shim runs with ``WHATSAPP_APP_SECRET``, the number is
+routed to account ``default``, whose one active endpoint is subscribed to
+``message.*``):
+
+* ``inbound``: a distinct wamid per request, from ``--inbound-contacts``
+  (1,000) senders in turn, so each request is a new message: contact
+  find-or-create, message row, realtime NOTIFY, ``message.received`` event
+  with its delivery row.  The warm-up creates the contacts when it has as
+  many requests (the default); the timed phase then finds them.
+* ``inbound-dup``: the same notifications stored beforehand (through
+  ``ingest_whatsapp``), so every request is a redelivery: the dedup path.
+
 Every run gets a fresh database cloned from a migrated template and seeded
 for its scenario; the first ``--warmup`` requests are not timed.  CPU seconds
 of the shim process and of the whole PostgreSQL cluster (private cluster
@@ -50,7 +65,8 @@ status and a part of its body that only the right answer has (the request's
 webhook id or phone number, the number of webhooks or deliveries listed) —
 and afterwards the database: every appointment confirmed exactly once, N
 registrations made exactly N webhooks, every upsert/PATCH landed, read-only
-scenarios changed nothing.
+scenarios changed nothing, N inbound notifications stored exactly N messages,
+N ``message.received`` events and N delivery rows (redeliveries: none more).
 
 PostgreSQL: ``BENCH_DATABASE_URL`` (a server we may create databases on), or a
 private cluster from local binaries (``listener.pgcluster.LocalCluster``) with
@@ -342,7 +358,8 @@ def confirmed_count(dsn: str) -> int:
 # ------------------------------------------------------------------ management API
 
 API_SCENARIOS = ["api-list", "api-get", "api-register", "api-upsert", "api-patch", "api-events"]
-SCENARIOS = ["actions", "callbacks", *API_SCENARIOS]
+INBOUND_SCENARIOS = ["inbound", "inbound-dup"]
+SCENARIOS = ["actions", "callbacks", *API_SCENARIOS, *INBOUND_SCENARIOS]
 HOOK = "http://127.0.0.1:9/hook"  # loopback http is allowed; nothing is delivered during the bench
 JSON_HEADERS = {"Content-Type": "application/json"}
 Verify = Callable[[str], tuple[str, bool]]
@@ -493,6 +510,72 @@ def events_work(conn: Any, webhook_id: str, auth: dict[str, str], total: int,
     return [pages[i % len(pages)] for i in range(total)]
 
 
+# ------------------------------------------------------------------ WhatsApp webhook
+
+APP_SECRET = "bench-meta-app-secret"
+PNID = "106540352242922"  # Meta's phone_number_id of the business number
+DISPLAY = "15550783881"
+
+
+def inbound_body(i: int, contacts: int) -> str:
+    """Notification ``i``: Meta's envelope with one text message (as in
+    tests/test_whatsapp.py), wamid unique to ``i``, from sender ``i % contacts``."""
+    wa_id = f"3519110{i % contacts:05d}"
+    value = {"messaging_product": "whatsapp",
+             "metadata": {"display_phone_number": DISPLAY, "phone_number_id": PNID},
+             "contacts": [{"profile": {"name": f"Contact {i % contacts}"}, "wa_id": wa_id}],
+             "messages": [{"from": wa_id, "id": f"wamid.bench{i:09d}", "timestamp": str(1749416383 + i),
+                           "text": {"body": f"Olá, queria saber o horário da consulta ({i})"}, "type": "text"}]}
+    return json.dumps({"object": "whatsapp_business_account",
+                       "entry": [{"id": "102290129340398", "changes": [{"value": value, "field": "messages"}]}]})
+
+
+def inbound_counts(dsn: str) -> tuple[int, int, int, int]:
+    """Messages, message.received events, their delivery rows, contacts."""
+    with psycopg_admin(dsn) as conn:
+        row = conn.execute(
+            "SELECT (SELECT count(*) FROM barnum.messages),"
+            "       (SELECT count(*) FROM barnum.whatsapp_events WHERE event_type = 'message.received'),"
+            "       (SELECT count(*) FROM barnum.webhook_deliveries d JOIN barnum.whatsapp_events e"
+            "            ON e.id = d.event_id WHERE e.event_type = 'message.received'),"
+            "       (SELECT count(*) FROM barnum.contacts)").fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1]), int(row[2]), int(row[3])
+
+
+def inbound_work(dsn: str, scenario: str, total: int, args: argparse.Namespace) -> tuple[list[dict[str, Any]], Verify]:
+    contacts = args.inbound_contacts
+    bodies = [inbound_body(i, contacts) for i in range(total)]
+    with psycopg_admin(dsn) as conn:
+        conn.execute("SELECT barnum.whatsapp_number_add(%s, 'default', %s)", (PNID, DISPLAY))
+        # As in production: every message.received gets its delivery row (no relay runs during the bench).
+        conn.execute("INSERT INTO barnum.webhook_endpoints (name, url, event_types) "
+                     "VALUES ('n8n', %s, '{message.*}')", (HOOK,))
+        if scenario == "inbound-dup":
+            # Stored already, the way the shim stores them: every request below is a redelivery.
+            with conn.transaction(), conn.cursor() as cur:
+                cur.executemany("SELECT barnum.ingest_whatsapp(%s::jsonb)", [(b,) for b in bodies])
+        conn.execute("VACUUM ANALYZE")
+    new = scenario == "inbound"
+    answer = ['"success": true', f'"messages": {int(new)}', f'"duplicates": {int(not new)}', '"unrouted": 0']
+    work = [{"u": "/whatsapp/webhook", "b": b, "c": answer, "h": {
+        "Content-Type": "application/json",
+        "X-Hub-Signature-256": "sha256=" + hmac.new(APP_SECRET.encode(), b.encode(), hashlib.sha256).hexdigest()}}
+        for b in bodies]
+    before = inbound_counts(dsn)
+    senders = min(contacts, total)
+
+    def verify(dsn: str) -> tuple[str, bool]:
+        messages, events, deliveries, people = inbound_counts(dsn)
+        # Each request stored (or, redelivered, had stored) exactly one message, one event, one delivery.
+        ok = (messages, events, deliveries, people) == (total, total, total, senders)
+        added = "" if new else f" (before the run: {before[0]}/{before[1]}/{before[2]})"
+        return (f"messages {messages}/{total}, message.received {events}/{total}, deliveries {deliveries}/{total}, "
+                f"contacts {people}/{senders}{added}"), ok and (new or before == (total, total, total, senders))
+
+    return work, verify
+
+
 # ------------------------------------------------------------------ one run
 
 
@@ -543,11 +626,13 @@ def run_once(db: Database, scenario: str, args: argparse.Namespace) -> dict[str,
             def verify(dsn: str) -> tuple[str, bool]:
                 confirmed = confirmed_count(dsn)
                 return f"confirmed {confirmed}/{total}", confirmed == total
+        elif scenario in INBOUND_SCENARIOS:
+            work, verify = inbound_work(dsn, scenario, total, args)
         else:
             work, verify = api_work(dsn, scenario, total, args)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "DATABASE_URL": dsn, "WEBHOOK_SECRET": SECRET,
+        env = {**os.environ, "DATABASE_URL": dsn, "WEBHOOK_SECRET": SECRET, "WHATSAPP_APP_SECRET": APP_SECRET,
                "BARNUM_LOG_LEVEL": args.log_level, "PYTHONPATH": str(ROOT)}
         with tempfile.TemporaryDirectory(prefix="shim-bench-") as tmp:
             work_file = Path(tmp) / "work.jsonl"
@@ -606,8 +691,10 @@ def record(command: str, args: argparse.Namespace, db: Database, runs: dict[str,
         f"commit {commit}; callbacks signed {args.callback_signing}"
         f"{'' if args.callback_signing == 'hex' else ' (Standard Webhooks, signed by the load generator)'}; "
         f"management API: {args.api_webhooks} webhooks per account, events over {args.event_deliveries} deliveries, "
-        f"PATCH over {args.patch_webhooks} webhooks. Every answer checked (status and body): 'bad' counts "
-        f"the wrong ones. Target ≥ {TARGET_RPS} req/s, p99 ≤ {TARGET_P99_MS:.0f} ms (actions and callbacks).\n",
+        f"PATCH over {args.patch_webhooks} webhooks; inbound: text messages from {args.inbound_contacts} "
+        f"senders, one active endpoint on message.*. Every answer checked (status and body): 'bad' counts "
+        f"the wrong ones. Target ≥ {TARGET_RPS} req/s, p99 ≤ {TARGET_P99_MS:.0f} ms (actions and callbacks); "
+        f"≥ {TARGET_RPS} req/s (inbound, issue 14).\n",
         "\n| scenario | run | req/s | p50 ms | p90 ms | p99 ms | max ms | shim CPU ms/req | PG CPU ms/req "
         "| statuses | bad | check afterwards | load avg before |",
         "\n|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---|",
@@ -651,6 +738,7 @@ def main() -> int:
     parser.add_argument("--api-webhooks", type=int, default=20, help="webhooks per account (api-*)")
     parser.add_argument("--event-deliveries", type=int, default=5000, help="api-events: the webhook's deliveries")
     parser.add_argument("--patch-webhooks", type=int, default=1000, help="api-patch: webhooks PATCHed in turn")
+    parser.add_argument("--inbound-contacts", type=int, default=1000, help="inbound*: senders, in turn")
     parser.add_argument("--requests", type=int, default=20000, help="timed requests per run")
     parser.add_argument("--warmup", type=int, default=1000, help="untimed requests first")
     parser.add_argument("--concurrency", type=int, default=32)
@@ -696,6 +784,8 @@ def main() -> int:
         verdict = "meets" if med["rps"] >= TARGET_RPS and med["p99"] <= TARGET_P99_MS else "misses"
         target = (f" ({verdict} the target ≥ {TARGET_RPS} req/s, p99 ≤ {TARGET_P99_MS:.0f} ms)"
                   if scenario in ("actions", "callbacks") else "")
+        if scenario in INBOUND_SCENARIOS:  # issue 14 sets a rate only
+            target = f" ({'meets' if med['rps'] >= TARGET_RPS else 'misses'} the goal ≥ {TARGET_RPS} req/s)"
         print(f"{scenario:12} median: {med['rps']:.0f} req/s, p50 {med['p50']:.2f} ms, p99 {med['p99']:.2f} ms, "
               f"shim CPU {med['shim_cpu_ms']:.3f} ms/req, PG CPU {fmt(med['pg_cpu_ms'])} ms/req{target}")
     if not args.no_record:
