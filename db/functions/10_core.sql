@@ -293,13 +293,22 @@ AS $$
 $$;
 
 -- Glob match for endpoint event filters: '*' any run, '?' one character.
+-- PL/pgSQL: the fan-out trigger calls it per endpoint, and a SQL function
+-- with a sub-select is planned again on every call.
 CREATE OR REPLACE FUNCTION barnum.glob_match(p_patterns text[], p_value text) RETURNS boolean
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
 AS $$
-    SELECT EXISTS (
-        SELECT 1 FROM unnest(p_patterns) pat
-         WHERE p_value LIKE replace(replace(replace(replace(replace(pat,
-                 '\', '\\'), '%', '\%'), '_', '\_'), '*', '%'), '?', '_'))
+DECLARE
+    pat text;
+BEGIN
+    FOREACH pat IN ARRAY coalesce(p_patterns, '{}') LOOP
+        IF p_value LIKE replace(replace(replace(replace(replace(pat,
+               '\', '\\'), '%', '\%'), '_', '\_'), '*', '%'), '?', '_') THEN
+            RETURN true;
+        END IF;
+    END LOOP;
+    RETURN false;
+END
 $$;
 
 -- Local date and time of an instant in the clinic's zone, as the payload shows them.
