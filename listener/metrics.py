@@ -15,7 +15,6 @@ value, so the most recent refresh of a live process wins.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -31,7 +30,7 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess
 
-from listener import queries
+from listener import store
 
 DELIVERIES = Counter(
     "barnum_deliveries_total",
@@ -122,9 +121,9 @@ def set_queue_gauges(stats: dict[str, Any]) -> None:
 
 async def refresh_queue_gauges(conn: Any) -> None:
     """Fetch ``queue_stats()`` over an asyncpg connection/pool and set the gauges."""
-    text = await conn.fetchval(queries.QUEUE_STATS)
-    if text:
-        set_queue_gauges(json.loads(text))
+    stats = await store.queue_stats(conn)
+    if stats:
+        set_queue_gauges(stats)
 
 
 def render() -> bytes:

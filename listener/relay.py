@@ -48,10 +48,11 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import asyncpg
-from listener import logs, metrics, queries
+from listener import logs, metrics, store
 from listener.config import Config, ConfigError, load
 from listener.db import barnum_error, create_pool, schema_problem
 from listener.signing import outbound_headers, parse_secrets
+from listener.store import AttemptResult, ClaimedRow
 from listener.transport import FINAL_ERROR_PREFIX, HttpResult, Transport
 
 log = logging.getLogger("barnum.relay")
@@ -273,7 +274,7 @@ class Deliverer:
         #: Requests not finished yet (a subset of the open rows).
         self._posting = 0
         self._all_posted = asyncio.Event()
-        self._results: list[dict[str, Any]] = []
+        self._results: list[AttemptResult] = []
         self._result_added = asyncio.Event()
         self._recorder: asyncio.Task[None] | None = None
         #: Called after outcomes with failures were recorded (new due times).
@@ -318,14 +319,12 @@ class Deliverer:
                     await asyncio.wait_for(self._wait_for(self._all_posted), BUSY_POLL)
         return total
 
-    async def claim(self, limit: int | None = None) -> list[Any]:
-        rows: list[Any] = await self.pool.fetch(
-            queries.CLAIM_DELIVERIES, self.worker, limit or self.batch, self.lease, timeout=DB_TIMEOUT
-        )
+    async def claim(self, limit: int | None = None) -> list[ClaimedRow]:
+        rows = await store.claim(self.pool, self.worker, limit or self.batch, self.lease, timeout=DB_TIMEOUT)
         self.stats.claimed += len(rows)
         return rows
 
-    def _start(self, rows: list[Any]) -> None:
+    def _start(self, rows: list[ClaimedRow]) -> None:
         self._open += len(rows)
         for row in rows:
             task = asyncio.create_task(self._deliver_one(row))
@@ -347,7 +346,7 @@ class Deliverer:
 
     # -- delivering ------------------------------------------------------
 
-    async def _deliver_one(self, row: Any) -> None:
+    async def _deliver_one(self, row: ClaimedRow) -> None:
         queued = False
         self._posting += 1
         try:
@@ -439,7 +438,7 @@ class Deliverer:
         self._keys[secret] = key
         return key
 
-    def _request(self, row: Any) -> tuple[bytes, dict[str, str]] | HttpResult:
+    def _request(self, row: ClaimedRow) -> tuple[bytes, dict[str, str]] | HttpResult:
         """Body and headers of one delivery, or why it cannot be sent."""
         if row["payload"] is None:
             return HttpResult(None, None, None, FINAL_ERROR_PREFIX + "nothing to send for this event", 0)
@@ -462,7 +461,7 @@ class Deliverer:
             idempotency_key=row["idempotency_key"],
         )
 
-    async def _deliver(self, row: Any) -> dict[str, Any] | None:
+    async def _deliver(self, row: ClaimedRow) -> AttemptResult | None:
         event_id = str(row["event_id"])
         request = self._request(row)
         if isinstance(request, HttpResult):
@@ -509,18 +508,17 @@ class Deliverer:
             "retry_after_seconds": result.retry_after,
         }
 
-    async def record(self, results: list[dict[str, Any]]) -> None:
+    async def record(self, results: list[AttemptResult]) -> None:
         """``record_attempts`` for a batch; retried with backoff while the
         database is unreachable (up to the lease: after it the rows are
         someone else's and fencing would ignore us anyway)."""
         if not results:
             return
-        document = json.dumps(results, separators=(",", ":"), ensure_ascii=False)
         deadline = time.monotonic() + self.lease_seconds
         failures = 0
         while True:
             try:
-                applied = await self.pool.fetchval(queries.RECORD_ATTEMPTS, document, timeout=DB_TIMEOUT)
+                applied = await store.record_attempts(self.pool, results, timeout=DB_TIMEOUT)
                 break
             except Exception as exc:  # noqa: BLE001 — database trouble of any kind
                 failures += 1
@@ -533,7 +531,7 @@ class Deliverer:
                          rows=len(results), error=_describe(exc), attempt=failures)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.abort.wait(), _backoff(failures))
-        self.stats.skipped += len(results) - int(applied or 0)
+        self.stats.skipped += len(results) - applied
 
 
 # ---------------------------------------------------------------- one pass
@@ -557,7 +555,7 @@ async def process_due(
                                lease=lease, batches_in_flight=batches_in_flight)
     if tick:
         try:
-            await pool.fetchval(queries.TICK, timeout=DB_TIMEOUT)
+            await store.tick(pool, timeout=DB_TIMEOUT)
         except Exception as exc:  # noqa: BLE001 — a failed tick must not block delivery
             logs.log(log, logging.ERROR, "tick failed", error=_describe(exc))
             d.stats.error(f"tick failed: {_describe(exc)}")
@@ -584,7 +582,7 @@ async def _release(pool: Any, worker: str) -> int:
     them to lease expiry."""
     for failures in range(1, 6):
         try:
-            released = int(await pool.fetchval(queries.RELEASE_DELIVERIES, worker, timeout=10.0) or 0)
+            released = await store.release_deliveries(pool, worker, timeout=10.0)
             if released:
                 logs.log(log, logging.INFO, "released unfinished deliveries", worker=worker, count=released)
             return released
@@ -600,7 +598,7 @@ async def ensure_n8n_endpoint(pool: Any, config: Config) -> None:
     if not config.n8n_webhook_url:
         return
     try:
-        await pool.fetchval(queries.ENSURE_ENDPOINT, "n8n", config.n8n_webhook_url, timeout=DB_TIMEOUT)
+        await store.ensure_endpoint(pool, "n8n", config.n8n_webhook_url, timeout=DB_TIMEOUT)
     except asyncpg.PostgresError as exc:
         err = barnum_error(exc)
         if err is not None:
@@ -798,8 +796,7 @@ class Relay:
                 # retry's new due time.
                 # Going idle: register as waiting, so producers NOTIFY us
                 # (they do not while every relay is busy), and get the timer.
-                due = await self.pool.fetchval(queries.RELAY_IDLE, self.worker, self._waiter_ttl,
-                                               timeout=DB_TIMEOUT)
+                due = await store.relay_idle(self.pool, self.worker, self._waiter_ttl, timeout=DB_TIMEOUT)
                 if failures:
                     logs.log(log, logging.INFO, "database reachable again", worker=self.worker)
                 failures = 0
@@ -878,7 +875,7 @@ class Relay:
         try:
             # Any round trip proves the connection; this one is granted to
             # the relay role and cheap.
-            await conn.fetchval(queries.NEXT_DUE_AT, timeout=min(5.0, max(1.0, self.options.sweep_interval)))
+            await store.next_due_at(conn, timeout=min(5.0, max(1.0, self.options.sweep_interval)))
             return True
         except Exception:  # noqa: BLE001
             return False
@@ -924,14 +921,12 @@ class Relay:
         if self.stopping:
             return
         try:
-            ticked = await self.pool.fetchval(queries.TICK, timeout=DB_TIMEOUT)
+            counts = await store.tick(self.pool, timeout=DB_TIMEOUT)
             if self.queue_gauges:
                 await metrics.refresh_queue_gauges(self.pool)
-            if ticked:
-                counts = json.loads(ticked)
-                if isinstance(counts, dict) and any(v for v in counts.values() if isinstance(v, (int, float))):
-                    logs.log(log, logging.INFO, "tick", **{k: v for k, v in counts.items()
-                                                           if isinstance(v, (int, float, str))})
+            if any(v for v in counts.values() if isinstance(v, (int, float))):
+                logs.log(log, logging.INFO, "tick", **{k: v for k, v in counts.items()
+                                                       if isinstance(v, (int, float, str))})
         except Exception as exc:  # noqa: BLE001
             logs.log(log, logging.WARNING, "tick failed", error=_describe(exc))
         # Whatever a missed notification would have said, look now.
