@@ -42,7 +42,7 @@ from aiohttp import web
 
 from listener import logs, migrate, relay, signing, store
 from listener.config import Config, load
-from listener.pgcluster import EmbeddedServer, LocalCluster, PgClusterError, dev_server, free_port
+from listener.devdb import EmbeddedServer, LocalCluster, PgClusterError, dev_server, free_port
 from listener.run import event_loop_runner, run_together
 
 DB_NAME = "barnum"
