@@ -43,7 +43,8 @@ from aiohttp import web
 from listener import logs, migrate, relay, signing, store
 from listener.config import Config, load
 from listener.devdb import EmbeddedServer, LocalCluster, PgClusterError, dev_server, free_port
-from listener.run import event_loop_runner, run_together
+from listener.relay_cli import event_loop_runner
+from listener.run import run_together
 
 DB_NAME = "barnum"
 

@@ -15,6 +15,7 @@ value, so the most recent refresh of a live process wins.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -155,3 +156,14 @@ def serve(port: int, registry: CollectorRegistry = REGISTRY) -> Callable[[], Non
         thread.join(5.0)
 
     return stop
+
+
+def serve_for(command: str, port: int, registry: CollectorRegistry = REGISTRY) -> Callable[[], None] | None:
+    """:func:`serve` for ``barnum COMMAND --metrics-port``: None (after one
+    line on stderr) if the port is taken."""
+    try:
+        return serve(port, registry)
+    except OSError as exc:
+        print(f"barnum {command}: cannot serve metrics on 127.0.0.1:{port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return None

@@ -26,6 +26,9 @@ rest, exit 0.  A SIGKILL loses nothing: the leases expire and another relay
 
 Logs: one JSON line per delivery (event, endpoint, status, duration, attempt)
 — never a secret, a payload (it holds action tokens) or a URL's query.
+
+The command line (``barnum relay``, ``python -m listener.relay``) is
+:mod:`listener.relay_cli`; ``--processes N`` runs :mod:`listener.supervisor`.
 """
 
 from __future__ import annotations
@@ -39,17 +42,16 @@ import os
 import secrets as _secrets
 import signal
 import socket
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import asyncpg
 from listener import logs, metrics, store
-from listener.config import Config, ConfigError, load
+from listener.config import Config, ConfigError
 from listener.db import barnum_error, create_pool, schema_problem
 from listener.signing import outbound_headers, parse_secrets
 from listener.store import AttemptResult, ClaimedRow
@@ -80,10 +82,6 @@ BUSY_POLL = 0.05
 MAX_RECORD = 1000
 #: At most this many error strings in a summary.
 MAX_SUMMARY_ERRORS = 50
-#: Hidden option of --processes children (see add_arguments).
-QUEUE_GAUGES_FLAG = "--queue-gauges"
-#: How often the --processes supervisor looks at its children (seconds).
-SUPERVISE_POLL = 0.1
 
 
 # ---------------------------------------------------------------- options
@@ -108,55 +106,6 @@ class Options:
             lease=args.lease,
             batches_in_flight=getattr(args, "batches_in_flight", 2),
         )
-
-
-def _bounded(kind: type[int] | type[float], low: float, high: float) -> Callable[[str], Any]:
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g}, got {text}")
-        return value
-
-    return parse
-
-
-def add_delivery_arguments(parser: argparse.ArgumentParser) -> None:
-    """The delivery options shared by ``barnum relay`` and ``barnum run``."""
-    parser.add_argument("--concurrency", type=_bounded(int, 1, 10000), default=32,
-                        help="HTTP requests in flight per process (default 32)")
-    parser.add_argument("--batch", type=_bounded(int, 1, 10000), default=50,
-                        help="deliveries claimed per round trip (default 50)")
-    parser.add_argument("--sweep-interval", type=_bounded(float, 0.05, 86400), default=5.0,
-                        metavar="SECONDS",
-                        help="seconds between sweeps: tick() and a LISTEN health check (default 5)")
-    parser.add_argument("--grace", type=_bounded(float, 0, 3600), default=10.0, metavar="SECONDS",
-                        help="on SIGTERM/SIGINT, seconds to let in-flight requests finish (default 10)")
-    parser.add_argument("--lease", type=_bounded(float, 1, 3600), default=60.0, metavar="SECONDS",
-                        help="claim lease; a crashed relay's rows are reclaimed after it (default 60)")
-    parser.add_argument("--batches-in-flight", type=_bounded(int, 1, 16), default=2, metavar="N",
-                        help="window: up to N × --batch deliveries claimed and not yet recorded (default 2)")
-
-
-def add_metrics_port(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--metrics-port", type=_bounded(int, 1, 65535), default=None, metavar="PORT",
-                        help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``barnum relay``."""
-    parser.add_argument("--once", action="store_true",
-                        help="process everything due, print a JSON summary and exit")
-    add_delivery_arguments(parser)
-    parser.add_argument("--processes", type=_bounded(int, 1, 256), default=1, metavar="N",
-                        help="relay processes to run (one per core uses a multi-core box; default 1); "
-                             "with N > 1 this process supervises N children")
-    add_metrics_port(parser)
-    # Set by the --processes supervisor on its children when it serves their
-    # metrics: refresh the queue gauges on every sweep (no port of their own).
-    parser.add_argument(QUEUE_GAUGES_FLAG, action="store_true", help=argparse.SUPPRESS)
 
 
 # ---------------------------------------------------------------- summary
@@ -933,197 +882,11 @@ class Relay:
         self._wake.set()
 
 
-# ---------------------------------------------------------------- entry points
-
-
-def _event_loop_runner() -> asyncio.Runner:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover — uvloop ships with uvicorn[standard]
-        return asyncio.Runner()
-    return asyncio.Runner(loop_factory=uvloop.new_event_loop)
-
-
-def _child_argv(args: argparse.Namespace, *, queue_gauges: bool) -> list[str]:
-    argv = [
-        sys.executable, "-m", "listener.relay",
-        "--concurrency", str(args.concurrency), "--batch", str(args.batch),
-        "--sweep-interval", str(args.sweep_interval), "--grace", str(args.grace),
-        "--lease", str(args.lease), "--batches-in-flight", str(getattr(args, "batches_in_flight", 2)),
-        "--processes", "1",
-    ]
-    if args.once:
-        argv.append("--once")
-    if queue_gauges:
-        argv.append(QUEUE_GAUGES_FLAG)
-    return argv
-
-
-def _serve_metrics(command: str, port: int, registry: Any = None) -> Callable[[], None] | None:
-    """Start the metrics server; None (after one line on stderr) if the port is taken."""
-    try:
-        return metrics.serve(port) if registry is None else metrics.serve(port, registry)
-    except OSError as exc:
-        print(f"barnum {command}: cannot serve metrics on 127.0.0.1:{port}: {exc.strerror or exc}",
-              file=sys.stderr)
-        return None
-
-
-def _run_relay(config: Config, options: Options, *, once: bool,
-               metrics_port: int | None = None, queue_gauges: bool = False) -> int:
-    stop_metrics: Callable[[], None] | None = None
-    if metrics_port is not None:
-        stop_metrics = _serve_metrics("relay", metrics_port)
-        if stop_metrics is None:
-            return 1
-
-    async def go() -> int:
-        relay = Relay(config, options)
-        relay.queue_gauges = queue_gauges or metrics_port is not None
-        return await relay.run(once=once)
-
-    try:
-        with _event_loop_runner() as runner:
-            return runner.run(go())
-    finally:
-        if stop_metrics is not None:
-            stop_metrics()
-
-
-def _die_with_parent() -> None:
-    """In a child: get SIGTERM if the parent dies (even by SIGKILL), on Linux."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
-    except (OSError, AttributeError):  # pragma: no cover — not Linux
-        pass
-
-
-def _run_processes(args: argparse.Namespace, options: Options) -> int:
-    """``--processes N``: N relay children, each a full relay; this process
-    only supervises them.
-
-    * SIGTERM/SIGINT are forwarded (the children are in their own process
-      group, so a terminal's Ctrl-C reaches them once, through us); a second
-      signal is forwarded too and abandons in-flight work, as for one relay.
-    * A child that exits on its own (not ``--once``) stops the others and the
-      exit status is 1: the service manager restarts the whole relay.
-    * ``--metrics-port``: the children write prometheus-client multiprocess
-      files to a fresh private directory, this process serves their sum and
-      removes the directory at exit (a SIGKILL leaves it in the temp dir; the
-      children get SIGTERM then, see :func:`_die_with_parent`).
-    """
-    import shutil
-    import tempfile
-
-    env = dict(os.environ)
-    multiproc_dir: str | None = None
-    stop_metrics: Callable[[], None] | None = None
-    if args.metrics_port is not None:
-        multiproc_dir = tempfile.mkdtemp(prefix="barnum-relay-metrics-")
-        env["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
-        stop_metrics = _serve_metrics("relay", args.metrics_port, metrics.multiprocess_registry(multiproc_dir))
-        if stop_metrics is None:
-            shutil.rmtree(multiproc_dir, ignore_errors=True)
-            return 1
-
-    children: list[subprocess.Popen[bytes]] = []
-    finished: dict[int, int] = {}  # pid → exit status
-    stopping = False
-    code = 0
-
-    def forward(signum: int) -> None:
-        for child in children:
-            if child.pid not in finished and child.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(child.pid, signum)
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        nonlocal stopping
-        stopping = True
-        forward(signum)
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        argv = _child_argv(args, queue_gauges=multiproc_dir is not None)
-        for _ in range(args.processes):
-            if stopping:
-                break
-            children.append(subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent, process_group=0))
-        logs.log(log, logging.INFO, "relay supervisor started", pid=os.getpid(), processes=args.processes,
-                 children=[c.pid for c in children], metrics_port=args.metrics_port,
-                 metrics_dir=multiproc_dir)
-        while len(finished) < len(children):
-            for child in children:
-                status = child.poll()
-                if status is None or child.pid in finished:
-                    continue
-                finished[child.pid] = status
-                if multiproc_dir is not None:
-                    metrics.mark_process_dead(child.pid, multiproc_dir)
-                if status != 0 and not (stopping and status in (-signal.SIGTERM, -signal.SIGINT)):
-                    code = 1
-                if not stopping and not args.once:
-                    logs.log(log, logging.ERROR, "relay process exited; stopping the others",
-                             pid=child.pid, status=status)
-                    code = 1
-                    stopping = True
-                    forward(signal.SIGTERM)
-            if len(finished) < len(children):
-                time.sleep(SUPERVISE_POLL)  # wait-ok: supervisor poll; signals interrupt it
-    finally:
-        for sig, handler in previous.items():
-            if handler is not None:
-                signal.signal(sig, handler)
-        # An exception here (not a signal): don't leave children behind.
-        forward(signal.SIGTERM)
-        deadline = time.monotonic() + options.grace + 15.0
-        for child in children:
-            try:
-                child.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-        if stop_metrics is not None:
-            stop_metrics()
-        if multiproc_dir is not None:
-            shutil.rmtree(multiproc_dir, ignore_errors=True)
-    return code
-
-
-def main(args: argparse.Namespace, config: Config) -> int:
-    """``barnum relay``: run the relay (``--processes`` N of them); exit status.
-
-    Raises :class:`ConfigError` for a missing ``DATABASE_URL`` or
-    ``WEBHOOK_SECRET`` (the CLI prints it on one line and exits 2).
-    """
-    config.require("DATABASE_URL", "WEBHOOK_SECRET")
-    options = Options.from_args(args)
-    logs.setup(config.log_level)
-    if getattr(args, "processes", 1) > 1:
-        return _run_processes(args, options)
-    return _run_relay(config, options, once=args.once, metrics_port=getattr(args, "metrics_port", None),
-                      queue_gauges=getattr(args, "queue_gauges", False))
-
-
-def _cli(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="barnum relay", description="Deliver the outbox to webhook endpoints.")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return main(args, load())
-    except ConfigError as exc:
-        print(f"barnum relay: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-__all__ = ["add_arguments", "add_delivery_arguments", "add_metrics_port", "main", "run_once", "process_due", "Relay", "Deliverer", "Options",
-           "Stats", "worker_name"]
+__all__ = ["run_once", "process_due", "Relay", "Deliverer", "Options", "Stats", "worker_name"]
 
 if __name__ == "__main__":
+    # `python -m listener.relay` is `barnum relay` (the --processes children
+    # and the previous releases' service files start it this way).
+    from listener.relay_cli import _cli
+
     sys.exit(_cli())

@@ -20,7 +20,7 @@ import hashlib
 import hmac
 import logging
 import time
-from typing import Any, Final
+from typing import Final
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
