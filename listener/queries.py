@@ -1,6 +1,6 @@
 """Every SQL statement Barnum's Python sends, in one place.
 
-Modelled on Procrastinate's ``queries.sql``: each entry is a named, documented
+Modelled on Procrastinate's SQL file of named queries: each entry is a named, documented
 statement, and almost every one is a single call of a PL/pgSQL function in
 schema ``barnum`` (see ``db/functions``).  Business rules live in those
 functions; Python only passes arguments and maps results.  The only module
