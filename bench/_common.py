@@ -254,7 +254,7 @@ class Database:
 
     def __init__(self, extra_settings: dict[str, str] | None = None, extra_sql: list[str] | None = None,
                  template: str | None = None) -> None:
-        from listener.pgcluster import LocalCluster
+        from tests.pgcluster import LocalCluster
 
         self.server = LocalCluster(extra_settings={**DURABLE, **(extra_settings or {})})
         self.kind = "private cluster, fsync on"

@@ -17,7 +17,7 @@
     event → p50/p95/p99/max.
 
 PostgreSQL: ``BENCH_DATABASE_URL`` (a server we may create databases on), or
-a private cluster from local binaries (``listener.pgcluster.LocalCluster``)
+a private cluster from local binaries (``tests.pgcluster.LocalCluster``)
 with durability on (fsync, synchronous_commit, full_page_writes), like the
 measurements in ``shared/perf-notes.md``.  Every run gets a fresh database
 cloned from a migrated template.
@@ -73,12 +73,12 @@ class Database:
         self.extra_sql = extra_sql or []
         url = os.environ.get("BENCH_DATABASE_URL")
         if url:
-            from listener.pgcluster import ExternalServer
+            from tests.pgcluster import ExternalServer
 
             self.server: Any = ExternalServer(url)
             self.kind = "BENCH_DATABASE_URL"
         else:
-            from listener.pgcluster import LocalCluster
+            from tests.pgcluster import LocalCluster
 
             self.server = LocalCluster(extra_settings={
                 "fsync": "on", "synchronous_commit": "on", "full_page_writes": "on",

@@ -69,7 +69,7 @@ scenarios changed nothing, N inbound notifications stored exactly N messages,
 N ``message.received`` events and N delivery rows (redeliveries: none more).
 
 PostgreSQL: ``BENCH_DATABASE_URL`` (a server we may create databases on), or a
-private cluster from local binaries (``listener.pgcluster.LocalCluster``) with
+private cluster from local binaries (``tests.pgcluster.LocalCluster``) with
 durability on (fsync, synchronous_commit, full_page_writes).
 
 Prints the numbers and appends a markdown table (with this exact command) to
@@ -230,12 +230,12 @@ class Database:
         self.server: Any
         url = os.environ.get("BENCH_DATABASE_URL")
         if url:
-            from listener.pgcluster import ExternalServer
+            from tests.pgcluster import ExternalServer
 
             self.server = ExternalServer(url)
             self.kind = "BENCH_DATABASE_URL"
         else:
-            from listener.pgcluster import LocalCluster
+            from tests.pgcluster import LocalCluster
 
             self.server = LocalCluster(extra_settings={
                 "fsync": "on", "synchronous_commit": "on", "full_page_writes": "on",

@@ -7,7 +7,7 @@ receiver and concurrent action-link POSTs, then an audit of every delivery.
 Everything runs on loopback and is stopped at the end (also on Ctrl-C or an
 exception; child processes get SIGKILL if this process dies):
 
-* a private PostgreSQL cluster (``listener.pgcluster.LocalCluster``, fsync
+* a private PostgreSQL cluster (``tests.pgcluster.LocalCluster``, fsync
   on), one fresh migrated database; settings ``max_attempts`` 8,
   ``backoff_base_seconds`` 1, ``backoff_max_seconds`` 5, ``no_show_delay`` and
   ``review_delay`` '5 seconds';
@@ -302,7 +302,7 @@ class Db:
 def provision(workdir: Path) -> tuple[Any, str, str]:
     """A private cluster with durability on, and a migrated database."""
     from listener.migrate import migrate
-    from listener.pgcluster import LocalCluster
+    from tests.pgcluster import LocalCluster
 
     cluster = LocalCluster(extra_settings={"fsync": "on", "synchronous_commit": "on",
                                            "full_page_writes": "on", "max_connections": "200"})

@@ -1,6 +1,6 @@
 """Operator commands: ``barnum endpoints | dlq | status | settings``.
 
-Every command is one call of an SQL function (``listener.queries``); rules
+Every command is one call of an SQL function (``listener.store``); rules
 such as URL validation or setting types live in SQL.  A ``BN4xx`` error is
 printed on one line and the command exits 2 — nothing was changed.
 
@@ -23,7 +23,7 @@ from typing import Any
 
 import asyncpg
 
-from listener import queries
+from listener import store
 from listener.db import BarnumError, barnum_error
 
 EXIT_OK = 0
@@ -102,7 +102,7 @@ def _emit(doc: Any, as_json: bool, render: Callable[[Any], str]) -> None:
 async def _endpoints(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
     action = args.endpoints_action
     if action == "list":
-        rows = json.loads(await conn.fetchval(queries.ENDPOINT_LIST))
+        rows = await store.endpoint_list(conn)
         _emit(rows, args.json, lambda r: _table(
             [dict(x, event_types=",".join(x["event_types"])) for x in r],
             ["name", "url", "status", "event_types", "has_secret", "max_attempts", "timeout_ms"])
@@ -113,9 +113,8 @@ async def _endpoints(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
         max_attempts = _int4("--max-attempts", args.max_attempts)
         timeout_ms = _int4("--timeout-ms", args.timeout_ms)
         try:
-            doc = json.loads(await conn.fetchval(
-                queries.ENDPOINT_ADD, args.name, args.url, args.secret, types,
-                max_attempts, timeout_ms, args.allow_http))
+            doc = await store.endpoint_add(conn, args.name, args.url, args.secret, types,
+                                           max_attempts, timeout_ms, args.allow_http)
         except asyncpg.PostgresError as exc:
             err = barnum_error(exc)
             if err is not None and not args.allow_http and await _only_http_refused(conn, args.url, err):
@@ -134,10 +133,10 @@ async def _endpoints(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
                 raise UsageError(f"--template must be EVENT=NAME[:LANG], got {spec!r}")
             templates[event.strip()] = {"name": name.strip(), "language": language.strip() or "pt_PT"}
         try:
-            doc = json.loads(await conn.fetchval(
-                queries.ENDPOINT_ADD_WHATSAPP, args.name, args.phone_number_id, args.token_env, args.graph_url,
-                args.account, [t.strip() for t in args.events.split(",") if t.strip()], json.dumps(templates),
-                args.allow_http))
+            doc = await store.endpoint_add_whatsapp(
+                conn, args.name, args.phone_number_id, args.token_env, args.graph_url,
+                args.account, [t.strip() for t in args.events.split(",") if t.strip()], templates,
+                args.allow_http)
         except asyncpg.PostgresError as exc:
             err = barnum_error(exc)
             url = f"{args.graph_url.rstrip('/')}/{args.phone_number_id}/messages"
@@ -148,10 +147,10 @@ async def _endpoints(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
         print(f"added WhatsApp sender {doc['name']} → {doc['url']} (token from ${doc['token_env']})")
         return EXIT_OK
     if action in ("enable", "disable"):
-        doc = json.loads(await conn.fetchval(queries.ENDPOINT_SET_ACTIVE, args.name, action == "enable"))
+        doc = await store.endpoint_set_active(conn, args.name, action == "enable")
         print(f"endpoint {doc['name']} {'enabled' if doc['is_active'] else 'disabled'}")
         return EXIT_OK
-    doc = json.loads(await conn.fetchval(queries.ENDPOINT_REMOVE, args.name, args.force))
+    doc = await store.endpoint_remove(conn, args.name, args.force)
     print(f"removed endpoint {doc['name']}"
           + (f" (dropped {doc['dropped_queued']} queued deliveries)" if doc["dropped_queued"] else ""))
     return EXIT_OK
@@ -162,7 +161,7 @@ async def _only_http_refused(conn: asyncpg.Connection, url: str, err: BarnumErro
     it raises this very error without allow_http and passes with it — so the
     message SQL gives other callers is compared, never parsed."""
     try:
-        await conn.fetchval(queries.CHECK_RECEIVER_URL, url, False)
+        await store.check_receiver_url(conn, url, False)
         return False
     except asyncpg.PostgresError as exc:
         same = barnum_error(exc)
@@ -171,7 +170,7 @@ async def _only_http_refused(conn: asyncpg.Connection, url: str, err: BarnumErro
         if (same.code, same.message) != (err.code, err.message):
             return False
     try:
-        await conn.fetchval(queries.CHECK_RECEIVER_URL, url, True)
+        await store.check_receiver_url(conn, url, True)
         return True
     except asyncpg.PostgresError as exc:
         if barnum_error(exc) is None:
@@ -217,14 +216,14 @@ def configure_endpoints(p: argparse.ArgumentParser) -> None:
 
 async def _dlq(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
     if args.dlq_action == "list":
-        rows = json.loads(await conn.fetchval(queries.DLQ_LIST, _int4("--limit", args.limit)))
+        rows = await store.dlq_list(conn, _int4("--limit", args.limit))
         _emit(rows, args.json, lambda r: _table(
             r, ["event_id", "event_type", "endpoint", "attempts", "last_http_status", "last_error", "created_at"])
             if r else "no dead letters")
         return EXIT_OK
     if not args.all and args.event is None:
         raise UsageError("say which: --event ID or --all")
-    n = await conn.fetchval(queries.DLQ_RETRY, None if args.all else _event_id(args.event))
+    n = await store.dlq_retry(conn, None if args.all else _event_id(args.event))
     print(f"re-queued {n} dead deliveries")
     return EXIT_OK
 
@@ -245,11 +244,11 @@ def configure_dlq(p: argparse.ArgumentParser) -> None:
 
 async def _accounts(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
     if args.accounts_action == "add":
-        doc = json.loads(await conn.fetchval(queries.ACCOUNT_ADD, args.name))
+        doc = await store.account_add(conn, args.name)
         print(f"added account {doc['name']} ({doc['id']}); give it an API token: "
               f"barnum tokens create --account {doc['name']} --name NAME")
         return EXIT_OK
-    rows = json.loads(await conn.fetchval(queries.ACCOUNT_LIST))
+    rows = await store.account_list(conn)
     _emit(rows, args.json, lambda r: _table(r, ["name", "id", "endpoints", "active_tokens", "created_at"]))
     return EXIT_OK
 
@@ -266,7 +265,7 @@ async def _tokens(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
     action = args.tokens_action
     if action == "create":
         scopes = [x.strip() for x in args.scopes.split(",") if x.strip()] if args.scopes else None
-        doc = json.loads(await conn.fetchval(queries.TOKEN_CREATE, args.account, args.name, scopes))
+        doc = await store.token_create(conn, args.account, args.name, scopes)
         if args.json:
             print(json.dumps(doc, indent=2))
         else:
@@ -276,13 +275,13 @@ async def _tokens(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
                   "store it now, it cannot be shown again", file=sys.stderr)
         return EXIT_OK
     if action == "list":
-        rows = json.loads(await conn.fetchval(queries.TOKEN_LIST, args.account))
+        rows = await store.token_list(conn, args.account)
         _emit(rows, args.json, lambda r: _table(
             [dict(x, scopes=",".join(x["scopes"])) for x in r],
             ["id", "account", "name", "scopes", "created_at", "last_used_at", "revoked_at"])
             if r else "no API tokens (create one: barnum tokens create --account NAME --name NAME)")
         return EXIT_OK
-    doc = json.loads(await conn.fetchval(queries.TOKEN_REVOKE, args.id))
+    doc = await store.token_revoke(conn, args.id)
     print(f"revoked token {doc['id']} ({doc['name']}, account {doc['account']})")
     return EXIT_OK
 
@@ -307,15 +306,15 @@ def configure_tokens(p: argparse.ArgumentParser) -> None:
 async def _numbers(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
     action = args.numbers_action
     if action == "add":
-        doc = json.loads(await conn.fetchval(queries.NUMBER_ADD, args.phone_number_id, args.account, args.display))
+        doc = await store.number_add(conn, args.phone_number_id, args.account, args.display)
         print(f"routing phone_number_id {doc['phone_number_id']} to account {doc['account']}")
         return EXIT_OK
     if action == "list":
-        rows = json.loads(await conn.fetchval(queries.NUMBER_LIST))
+        rows = await store.number_list(conn)
         _emit(rows, args.json, lambda r: _table(r, ["phone_number_id", "account", "display_phone_number", "created_at"])
               if r else "no WhatsApp numbers (route one: barnum numbers add PHONE_NUMBER_ID --account NAME)")
         return EXIT_OK
-    doc = json.loads(await conn.fetchval(queries.NUMBER_REMOVE, args.phone_number_id))
+    doc = await store.number_remove(conn, args.phone_number_id)
     print(f"removed phone_number_id {doc['removed']}")
     return EXIT_OK
 
@@ -346,19 +345,19 @@ async def _flows(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
             json.loads(text)
         except ValueError as exc:
             raise UsageError(f"{args.file} is not JSON: {exc}") from None
-        rows = json.loads(await conn.fetchval(queries.FLOW_IMPORT, args.account, text))
+        rows = await store.flow_import(conn, args.account, text)
         for row in rows:
             print(f"imported flow {row['name']} (trigger {row['trigger']!r}, {row['nodes']} nodes, {row['status']})")
         return EXIT_OK
     if action == "list":
-        rows = json.loads(await conn.fetchval(queries.FLOW_LIST, args.account))
+        rows = await store.flow_list(conn, args.account)
         _emit(rows, args.json, lambda r: _table(
             [dict(x, sessions=",".join(f"{k}:{v}" for k, v in (x["sessions"] or {}).items())) for x in r],
             ["account", "name", "trigger", "status", "nodes", "sessions", "updated_at"])
             if r else "no flows (import one: barnum flows import FILE.json)")
         return EXIT_OK
-    doc = json.loads(await conn.fetchval(queries.FLOW_SET_STATUS, args.account, args.name,
-                                         "Active" if action == "enable" else "Inactive"))
+    doc = await store.flow_set_status(conn, args.account, args.name,
+                                      "Active" if action == "enable" else "Inactive")
     print(f"flow {doc['name']} is {doc['status']}")
     return EXIT_OK
 
@@ -402,7 +401,7 @@ def _render_status(doc: dict[str, Any]) -> str:
 
 
 async def _status(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
-    doc = json.loads(await conn.fetchval(queries.STATUS_REPORT))
+    doc = await store.status_report(conn)
     _emit(doc, args.json, _render_status)
     return EXIT_OK
 
@@ -416,7 +415,7 @@ def configure_status(p: argparse.ArgumentParser) -> None:
 
 async def _settings(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
     if args.settings_action == "get":
-        doc = json.loads(await conn.fetchval(queries.SETTINGS_GET))
+        doc = await store.get_settings(conn)
         if args.key:
             if args.key not in doc:
                 raise UsageError(f"unknown setting {args.key!r} (known: {', '.join(sorted(doc))})")
@@ -434,7 +433,7 @@ async def _settings(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
         value = json.loads(raw, parse_constant=no_constants)
     except ValueError:
         value = raw  # a bare word is a string: `settings set locale en`
-    stored = await conn.fetchval(queries.SETTINGS_SET, args.key, json.dumps(value))
+    stored = await store.set_setting(conn, args.key, value)
     print(f"{args.key} = {stored}")
     return EXIT_OK
 

@@ -29,7 +29,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from listener import logs, metrics, queries
+from listener import logs, metrics, store
 from listener.db import barnum_error
 from listener.shim import (
     MAX_BODY_BYTES,
@@ -120,10 +120,11 @@ class Api:
 
         return endpoint
 
-    async def call(self, query: str, *args: Any, status: int = 200) -> Response:
-        """One SQL call; its document (or BN4xx) becomes the response."""
+    async def call(self, call: Callable[..., Awaitable[str | None]], *args: Any, status: int = 200) -> Response:
+        """One SQL call (a :mod:`listener.store` function); its document
+        (or BN4xx) becomes the response."""
         try:
-            text = await self.shim.fetch_text(query, *args)
+            text = await self.shim.db(call, *args)
         except Exception as exc:  # noqa: BLE001 - mapped to a JSON error below
             return self.error(exc)
         if not isinstance(text, str):
@@ -150,26 +151,25 @@ class Api:
         if isinstance(body, Response):
             return body
         try:
-            text = await self.shim.fetch_text(queries.API_REGISTER_WEBHOOK, bearer(request), json.dumps(body))
+            doc = await self.shim.db(store.api_register_webhook, bearer(request), body)
         except Exception as exc:  # noqa: BLE001 - mapped to a JSON error
             return self.error(exc)
-        doc = json.loads(text)
         # 201 for a new webhook, 200 when the number's webhook was updated.
         return json_response(201 if doc.get("created") else 200, {"success": True, "data": doc})
 
     async def list(self, request: Request) -> Response:
-        return await self.call(queries.API_LIST_WEBHOOKS, bearer(request))
+        return await self.call(store.api_list_webhooks, bearer(request))
 
     async def webhook(self, request: Request) -> Response:
         token, webhook_id = bearer(request), request.path_params["id"]
         if request.method == "GET":
-            return await self.call(queries.API_GET_WEBHOOK, token, webhook_id)
+            return await self.call(store.api_get_webhook, token, webhook_id)
         if request.method == "DELETE":
-            return await self.call(queries.API_DELETE_WEBHOOK, token, webhook_id)
+            return await self.call(store.api_delete_webhook, token, webhook_id)
         body = await json_body(request)
         if isinstance(body, Response):
             return body
-        return await self.call(queries.API_UPDATE_WEBHOOK, token, webhook_id, json.dumps(body))
+        return await self.call(store.api_update_webhook, token, webhook_id, body)
 
     async def events(self, request: Request) -> Response:
         params = request.query_params
@@ -179,18 +179,17 @@ class Api:
         limit_text = params.get("limit", "50")
         if not limit_text.isascii() or not limit_text.isdigit() or len(limit_text) > 6:
             return json_error(422, f"limit must be an integer between 1 and 200, got {limit_text[:20]!r}")
-        return await self.call(queries.API_WEBHOOK_EVENTS, bearer(request), request.path_params["id"],
+        return await self.call(store.api_webhook_events, bearer(request), request.path_params["id"],
                                params.get("cursor"), int(limit_text))
 
     async def retry(self, request: Request) -> Response:
-        return await self.call(queries.API_RETRY_EVENT, bearer(request), request.path_params["event_id"])
+        return await self.call(store.api_retry_event, bearer(request), request.path_params["event_id"])
 
     async def replay(self, request: Request) -> Response:
         body = await json_body(request)
         if isinstance(body, Response):
             return body
-        return await self.call(queries.API_REPLAY_WEBHOOK, bearer(request), request.path_params["id"],
-                               json.dumps(body))
+        return await self.call(store.api_replay_webhook, bearer(request), request.path_params["id"], body)
 
     # --- OpenAPI ----------------------------------------------------------
 

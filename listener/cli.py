@@ -184,7 +184,7 @@ COMMANDS: dict[str, Command] = {
         configure=_configure_migrate,
         run=_run_migrate,
     ),
-    "relay": _service("relay", "deliver the outbox to webhook endpoints (LISTEN/NOTIFY + sweep)"),
+    "relay": _service("relay_cli", "deliver the outbox to webhook endpoints (LISTEN/NOTIFY + sweep)"),
     "shim": _service("shim", "serve action links and n8n callbacks (uvicorn)"),
     "run": _service("run", "relay + shim in one process"),
     "dev": _service("dev", "try it: embedded Postgres, demo clinic, relay + shim, messages printed"),

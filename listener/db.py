@@ -1,7 +1,8 @@
 """asyncpg plumbing shared by the relay and the shim.
 
-Statements themselves live in ``listener.queries``; this module only opens
-pools and turns Barnum's SQLSTATE ``BN4xx`` errors into a small value type.
+Statements themselves live in ``listener.queries`` and are sent by
+``listener.store``; this module only opens pools and turns Barnum's SQLSTATE
+``BN4xx`` errors into a small value type.
 """
 
 from __future__ import annotations
@@ -101,10 +102,10 @@ async def schema_problem(conn: Any) -> str | None:
 
     Level 1 (the first release) has no ``schema_compat()``; a database not
     migrated at all has no schema barnum."""
-    from listener import queries
+    from listener import store
 
     try:
-        level = await conn.fetchval(queries.SCHEMA_COMPAT)
+        level = await store.schema_compat(conn)
     except asyncpg.UndefinedFunctionError:
         level = 1
     except asyncpg.InvalidSchemaNameError:

@@ -40,10 +40,11 @@ import asyncpg
 import psycopg
 from aiohttp import web
 
-from listener import logs, migrate, queries, relay, signing
+from listener import logs, migrate, relay, signing, store
 from listener.config import Config, load
-from listener.pgcluster import EmbeddedServer, LocalCluster, PgClusterError, dev_server, free_port
-from listener.run import event_loop_runner, run_together
+from listener.devdb import EmbeddedServer, LocalCluster, PgClusterError, dev_server, free_port
+from listener.relay_cli import event_loop_runner
+from listener.run import run_together
 
 DB_NAME = "barnum"
 
@@ -426,7 +427,7 @@ def reissued(payload: dict[str, Any], locale: str) -> tuple[str, str, list[Choic
 
 
 async def _endpoints(conn: asyncpg.Connection) -> dict[str, dict[str, Any]]:
-    return {e["name"]: e for e in json.loads(await conn.fetchval(queries.ENDPOINT_LIST))}
+    return {e["name"]: e for e in await store.endpoint_list(conn)}
 
 
 def _is_dev_sender(ep: dict[str, Any]) -> bool:
@@ -438,37 +439,37 @@ async def _use_fake_whatsapp(conn: asyncpg.Connection, graph_url: str) -> None:
     """Idempotently: the dev number routed to the default account, the
     endpoint ``whatsapp`` sending to this run's fake, the demo endpoint off
     (each message is printed once)."""
-    numbers = json.loads(await conn.fetchval(queries.NUMBER_LIST))
+    numbers = await store.number_list(conn)
     if not any(n.get("phone_number_id") == DEV_PHONE_NUMBER_ID for n in numbers):
-        await conn.fetchval(queries.NUMBER_ADD, DEV_PHONE_NUMBER_ID, "default", DEV_DISPLAY_NUMBER)
+        await store.number_add(conn, DEV_PHONE_NUMBER_ID, "default", DEV_DISPLAY_NUMBER)
     endpoints = await _endpoints(conn)
     if endpoints.get("demo", {}).get("is_active"):
-        await conn.fetchval(queries.ENDPOINT_SET_ACTIVE, "demo", False)
+        await store.endpoint_set_active(conn, "demo", False)
     ep = endpoints.get(WHATSAPP_ENDPOINT)
     if ep is None:
-        await conn.fetchval(queries.ENDPOINT_ADD_WHATSAPP, WHATSAPP_ENDPOINT, DEV_PHONE_NUMBER_ID, DEV_TOKEN_ENV,
-                            graph_url, "default", WHATSAPP_EVENT_TYPES, "{}", False)
+        await store.endpoint_add_whatsapp(conn, WHATSAPP_ENDPOINT, DEV_PHONE_NUMBER_ID, DEV_TOKEN_ENV,
+                                          graph_url, "default", WHATSAPP_EVENT_TYPES, {}, False)
         return
     if not _is_dev_sender(ep):
         raise DevError(f"an endpoint named {WHATSAPP_ENDPOINT!r} exists and is not the demo's WhatsApp sender; "
                        f"remove it (barnum endpoints remove {WHATSAPP_ENDPOINT}) or start over with --reset")
     # The fake listens on a new port each run: point the endpoint at it.
-    await conn.fetchval(queries.UPSERT_ENDPOINT, WHATSAPP_ENDPOINT,
-                        f"{graph_url}/{DEV_PHONE_NUMBER_ID}/messages")
+    await store.upsert_endpoint(conn, WHATSAPP_ENDPOINT,
+                                f"{graph_url}/{DEV_PHONE_NUMBER_ID}/messages")
     if not ep.get("is_active"):
-        await conn.fetchval(queries.ENDPOINT_SET_ACTIVE, WHATSAPP_ENDPOINT, True)
+        await store.endpoint_set_active(conn, WHATSAPP_ENDPOINT, True)
 
 
 async def _use_demo_endpoint(conn: asyncpg.Connection, url: str) -> None:
     """The default mode after a --whatsapp run: the demo endpoint on again,
     the (now unserved) fake WhatsApp sender off."""
-    await conn.fetchval(queries.UPSERT_ENDPOINT, "demo", url)
+    await store.upsert_endpoint(conn, "demo", url)
     endpoints = await _endpoints(conn)
     if not endpoints["demo"].get("is_active"):
-        await conn.fetchval(queries.ENDPOINT_SET_ACTIVE, "demo", True)
+        await store.endpoint_set_active(conn, "demo", True)
     ep = endpoints.get(WHATSAPP_ENDPOINT)
     if ep is not None and ep.get("is_active") and _is_dev_sender(ep):
-        await conn.fetchval(queries.ENDPOINT_SET_ACTIVE, WHATSAPP_ENDPOINT, False)
+        await store.endpoint_set_active(conn, WHATSAPP_ENDPOINT, False)
 
 
 SECRET_NAMES = ("webhook_secret", "internal_api_secret",
@@ -625,7 +626,7 @@ async def _serve(config: Config, dsn: str, whatsapp_token: str | None = None) ->
     fake: FakeWhatsApp | None = None
     shim_base = f"http://{config.host}:{config.port}"
     try:
-        shim_conf = json.loads(await conn.fetchval(queries.SHIM_CONFIG))
+        shim_conf = await store.shim_config(conn)
         locale = str(shim_conf.get("locale", "pt"))
         if whatsapp_token is None:
             demo = DemoEndpoint(config.webhook_secrets, locale)
@@ -639,12 +640,11 @@ async def _serve(config: Config, dsn: str, whatsapp_token: str | None = None) ->
             # The relay reads the token from the environment at send time.
             os.environ[DEV_TOKEN_ENV] = whatsapp_token
             await _use_fake_whatsapp(conn, fake.graph_url)
-        seeded = await conn.fetchval(queries.DEMO_SEED)
+        seeded = await store.demo_seed(conn)
         # The links printed in an earlier run are gone from the terminal, may
         # name an earlier shim port, and cannot be shown again (only their
         # hashes are stored): show what still awaits an answer, freshly linked.
-        awaiting: list[dict[str, Any]] = [] if seeded else json.loads(
-            await conn.fetchval(queries.REISSUE_AWAITING_LINKS))
+        awaiting: list[dict[str, Any]] = [] if seeded else await store.reissue_awaiting_links(conn)
     except DevError as exc:
         print(f"barnum dev: {exc}", file=sys.stderr, flush=True)
         await _stop(demo, fake)

@@ -15,7 +15,7 @@ value, so the most recent refresh of a live process wins.
 
 from __future__ import annotations
 
-import json
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -31,7 +31,7 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess
 
-from listener import queries
+from listener import store
 
 DELIVERIES = Counter(
     "barnum_deliveries_total",
@@ -122,9 +122,9 @@ def set_queue_gauges(stats: dict[str, Any]) -> None:
 
 async def refresh_queue_gauges(conn: Any) -> None:
     """Fetch ``queue_stats()`` over an asyncpg connection/pool and set the gauges."""
-    text = await conn.fetchval(queries.QUEUE_STATS)
-    if text:
-        set_queue_gauges(json.loads(text))
+    stats = await store.queue_stats(conn)
+    if stats:
+        set_queue_gauges(stats)
 
 
 def render() -> bytes:
@@ -156,3 +156,14 @@ def serve(port: int, registry: CollectorRegistry = REGISTRY) -> Callable[[], Non
         thread.join(5.0)
 
     return stop
+
+
+def serve_for(command: str, port: int, registry: CollectorRegistry = REGISTRY) -> Callable[[], None] | None:
+    """:func:`serve` for ``barnum COMMAND --metrics-port``: None (after one
+    line on stderr) if the port is taken."""
+    try:
+        return serve(port, registry)
+    except OSError as exc:
+        print(f"barnum {command}: cannot serve metrics on 127.0.0.1:{port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return None

@@ -1,9 +1,11 @@
 """Every SQL statement Barnum's Python sends, in one place.
 
-Modelled on Procrastinate's ``queries.sql``: each entry is a named, documented
+Modelled on Procrastinate's SQL file of named queries: each entry is a named, documented
 statement, and almost every one is a single call of a PL/pgSQL function in
 schema ``barnum`` (see ``db/functions``).  Business rules live in those
-functions; Python only passes arguments and maps results.  The SQL text is
+functions; Python only passes arguments and maps results.  The only module
+that sends them is ``listener/store.py`` (one typed function per statement);
+everything else calls that.  The SQL text is
 written for asyncpg (``$1`` placeholders); the synchronous migration runner
 (psycopg) keeps its own bookkeeping statements in ``listener/migrate.py``.
 """

@@ -29,21 +29,23 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import json
 import logging
 import re
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Concatenate, Final, ParamSpec, TypeVar
 
 import asyncpg
 import socketio
 
-from listener import logs, metrics, queries
+from listener import logs, metrics, store
 from listener.config import Config
 from listener.db import barnum_error
 
 log = logging.getLogger("barnum.realtime")
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 CHANNEL: Final = "barnum_realtime"
 #: Where socket.io-client looks by default (its ``path`` option).
@@ -220,7 +222,7 @@ class Realtime:
         if conn is None or conn.is_closed():
             return False
         try:
-            await conn.fetchval(queries.REALTIME_PING, timeout=5.0)
+            await store.realtime_ping(conn, timeout=5.0)
             return True
         except Exception:  # noqa: BLE001 - any failure means "re-open it"
             return False
@@ -273,8 +275,7 @@ class Realtime:
                 batch = [self._pending.popleft() for _ in range(min(BATCH_MAX, len(self._pending)))]
                 try:
                     async with self.pool.acquire(timeout=ACQUIRE_TIMEOUT) as con:
-                        text = await con.fetchval(queries.REALTIME_EVENTS, batch, timeout=QUERY_TIMEOUT)
-                    events = json.loads(text) if isinstance(text, str) else []
+                        events = await store.realtime_events(con, batch, timeout=QUERY_TIMEOUT)
                 except Exception as exc:  # noqa: BLE001 - these events are lost; clients refetch
                     logs.log(log, logging.WARNING, "realtime: events unavailable; dropped",
                              notifications=len(batch), **_error_fields(exc))
@@ -297,11 +298,14 @@ class Realtime:
 
     # --- Socket.IO handlers ------------------------------------------------------
 
-    async def _fetchval(self, query: str, *args: Any) -> Any:
+    async def _db(self, call: Callable[Concatenate[Any, _P], Awaitable[_T]], *args: _P.args,
+                  **kwargs: _P.kwargs) -> _T:
+        """``call`` (a :mod:`listener.store` function) on a pooled connection."""
         if self.pool is None:
             raise asyncpg.InterfaceError("the database pool is not open")
+        kwargs.setdefault("timeout", QUERY_TIMEOUT)
         async with self.pool.acquire(timeout=ACQUIRE_TIMEOUT) as con:
-            return await con.fetchval(query, *args, timeout=QUERY_TIMEOUT)
+            return await call(con, *args, **kwargs)
 
     async def _on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
         token = bearer_token(auth, environ)
@@ -310,7 +314,7 @@ class Realtime:
             raise socketio.exceptions.ConnectionRefusedError(
                 "missing or invalid API token", {"code": "UNAUTHORIZED"})
         try:
-            account = await self._fetchval(queries.REALTIME_AUTH, token)
+            account = await self._db(store.realtime_auth, token)
         except Exception as exc:  # noqa: BLE001 - every failure refuses the connection
             err = barnum_error(exc)
             if err is not None and err.code in ("BN401", "BN403"):
@@ -346,7 +350,7 @@ class Realtime:
         if len(client.rooms) >= MAX_ROOMS_PER_CLIENT:
             return False
         try:
-            allowed = await self._fetchval(queries.REALTIME_CAN_JOIN, client.token, contact_id)
+            allowed = await self._db(store.realtime_can_join, client.token, contact_id)
         except Exception as exc:  # noqa: BLE001 - refused either way
             err = barnum_error(exc)
             if err is not None and err.code in ("BN401", "BN403"):

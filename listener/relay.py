@@ -26,6 +26,9 @@ rest, exit 0.  A SIGKILL loses nothing: the leases expire and another relay
 
 Logs: one JSON line per delivery (event, endpoint, status, duration, attempt)
 — never a secret, a payload (it holds action tokens) or a URL's query.
+
+The command line (``barnum relay``, ``python -m listener.relay``) is
+:mod:`listener.relay_cli`; ``--processes N`` runs :mod:`listener.supervisor`.
 """
 
 from __future__ import annotations
@@ -39,19 +42,19 @@ import os
 import secrets as _secrets
 import signal
 import socket
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import asyncpg
-from listener import logs, metrics, queries
-from listener.config import Config, ConfigError, load
+from listener import logs, metrics, store
+from listener.config import Config, ConfigError
 from listener.db import barnum_error, create_pool, schema_problem
 from listener.signing import outbound_headers, parse_secrets
+from listener.store import AttemptResult, ClaimedRow
 from listener.transport import FINAL_ERROR_PREFIX, HttpResult, Transport
 
 log = logging.getLogger("barnum.relay")
@@ -79,10 +82,6 @@ BUSY_POLL = 0.05
 MAX_RECORD = 1000
 #: At most this many error strings in a summary.
 MAX_SUMMARY_ERRORS = 50
-#: Hidden option of --processes children (see add_arguments).
-QUEUE_GAUGES_FLAG = "--queue-gauges"
-#: How often the --processes supervisor looks at its children (seconds).
-SUPERVISE_POLL = 0.1
 
 
 # ---------------------------------------------------------------- options
@@ -107,55 +106,6 @@ class Options:
             lease=args.lease,
             batches_in_flight=getattr(args, "batches_in_flight", 2),
         )
-
-
-def _bounded(kind: type[int] | type[float], low: float, high: float) -> Callable[[str], Any]:
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g}, got {text}")
-        return value
-
-    return parse
-
-
-def add_delivery_arguments(parser: argparse.ArgumentParser) -> None:
-    """The delivery options shared by ``barnum relay`` and ``barnum run``."""
-    parser.add_argument("--concurrency", type=_bounded(int, 1, 10000), default=32,
-                        help="HTTP requests in flight per process (default 32)")
-    parser.add_argument("--batch", type=_bounded(int, 1, 10000), default=50,
-                        help="deliveries claimed per round trip (default 50)")
-    parser.add_argument("--sweep-interval", type=_bounded(float, 0.05, 86400), default=5.0,
-                        metavar="SECONDS",
-                        help="seconds between sweeps: tick() and a LISTEN health check (default 5)")
-    parser.add_argument("--grace", type=_bounded(float, 0, 3600), default=10.0, metavar="SECONDS",
-                        help="on SIGTERM/SIGINT, seconds to let in-flight requests finish (default 10)")
-    parser.add_argument("--lease", type=_bounded(float, 1, 3600), default=60.0, metavar="SECONDS",
-                        help="claim lease; a crashed relay's rows are reclaimed after it (default 60)")
-    parser.add_argument("--batches-in-flight", type=_bounded(int, 1, 16), default=2, metavar="N",
-                        help="window: up to N × --batch deliveries claimed and not yet recorded (default 2)")
-
-
-def add_metrics_port(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--metrics-port", type=_bounded(int, 1, 65535), default=None, metavar="PORT",
-                        help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``barnum relay``."""
-    parser.add_argument("--once", action="store_true",
-                        help="process everything due, print a JSON summary and exit")
-    add_delivery_arguments(parser)
-    parser.add_argument("--processes", type=_bounded(int, 1, 256), default=1, metavar="N",
-                        help="relay processes to run (one per core uses a multi-core box; default 1); "
-                             "with N > 1 this process supervises N children")
-    add_metrics_port(parser)
-    # Set by the --processes supervisor on its children when it serves their
-    # metrics: refresh the queue gauges on every sweep (no port of their own).
-    parser.add_argument(QUEUE_GAUGES_FLAG, action="store_true", help=argparse.SUPPRESS)
 
 
 # ---------------------------------------------------------------- summary
@@ -273,7 +223,7 @@ class Deliverer:
         #: Requests not finished yet (a subset of the open rows).
         self._posting = 0
         self._all_posted = asyncio.Event()
-        self._results: list[dict[str, Any]] = []
+        self._results: list[AttemptResult] = []
         self._result_added = asyncio.Event()
         self._recorder: asyncio.Task[None] | None = None
         #: Called after outcomes with failures were recorded (new due times).
@@ -318,14 +268,12 @@ class Deliverer:
                     await asyncio.wait_for(self._wait_for(self._all_posted), BUSY_POLL)
         return total
 
-    async def claim(self, limit: int | None = None) -> list[Any]:
-        rows: list[Any] = await self.pool.fetch(
-            queries.CLAIM_DELIVERIES, self.worker, limit or self.batch, self.lease, timeout=DB_TIMEOUT
-        )
+    async def claim(self, limit: int | None = None) -> list[ClaimedRow]:
+        rows = await store.claim(self.pool, self.worker, limit or self.batch, self.lease, timeout=DB_TIMEOUT)
         self.stats.claimed += len(rows)
         return rows
 
-    def _start(self, rows: list[Any]) -> None:
+    def _start(self, rows: list[ClaimedRow]) -> None:
         self._open += len(rows)
         for row in rows:
             task = asyncio.create_task(self._deliver_one(row))
@@ -347,7 +295,7 @@ class Deliverer:
 
     # -- delivering ------------------------------------------------------
 
-    async def _deliver_one(self, row: Any) -> None:
+    async def _deliver_one(self, row: ClaimedRow) -> None:
         queued = False
         self._posting += 1
         try:
@@ -439,7 +387,7 @@ class Deliverer:
         self._keys[secret] = key
         return key
 
-    def _request(self, row: Any) -> tuple[bytes, dict[str, str]] | HttpResult:
+    def _request(self, row: ClaimedRow) -> tuple[bytes, dict[str, str]] | HttpResult:
         """Body and headers of one delivery, or why it cannot be sent."""
         if row["payload"] is None:
             return HttpResult(None, None, None, FINAL_ERROR_PREFIX + "nothing to send for this event", 0)
@@ -462,7 +410,7 @@ class Deliverer:
             idempotency_key=row["idempotency_key"],
         )
 
-    async def _deliver(self, row: Any) -> dict[str, Any] | None:
+    async def _deliver(self, row: ClaimedRow) -> AttemptResult | None:
         event_id = str(row["event_id"])
         request = self._request(row)
         if isinstance(request, HttpResult):
@@ -509,18 +457,17 @@ class Deliverer:
             "retry_after_seconds": result.retry_after,
         }
 
-    async def record(self, results: list[dict[str, Any]]) -> None:
+    async def record(self, results: list[AttemptResult]) -> None:
         """``record_attempts`` for a batch; retried with backoff while the
         database is unreachable (up to the lease: after it the rows are
         someone else's and fencing would ignore us anyway)."""
         if not results:
             return
-        document = json.dumps(results, separators=(",", ":"), ensure_ascii=False)
         deadline = time.monotonic() + self.lease_seconds
         failures = 0
         while True:
             try:
-                applied = await self.pool.fetchval(queries.RECORD_ATTEMPTS, document, timeout=DB_TIMEOUT)
+                applied = await store.record_attempts(self.pool, results, timeout=DB_TIMEOUT)
                 break
             except Exception as exc:  # noqa: BLE001 — database trouble of any kind
                 failures += 1
@@ -533,7 +480,7 @@ class Deliverer:
                          rows=len(results), error=_describe(exc), attempt=failures)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.abort.wait(), _backoff(failures))
-        self.stats.skipped += len(results) - int(applied or 0)
+        self.stats.skipped += len(results) - applied
 
 
 # ---------------------------------------------------------------- one pass
@@ -557,7 +504,7 @@ async def process_due(
                                lease=lease, batches_in_flight=batches_in_flight)
     if tick:
         try:
-            await pool.fetchval(queries.TICK, timeout=DB_TIMEOUT)
+            await store.tick(pool, timeout=DB_TIMEOUT)
         except Exception as exc:  # noqa: BLE001 — a failed tick must not block delivery
             logs.log(log, logging.ERROR, "tick failed", error=_describe(exc))
             d.stats.error(f"tick failed: {_describe(exc)}")
@@ -584,7 +531,7 @@ async def _release(pool: Any, worker: str) -> int:
     them to lease expiry."""
     for failures in range(1, 6):
         try:
-            released = int(await pool.fetchval(queries.RELEASE_DELIVERIES, worker, timeout=10.0) or 0)
+            released = await store.release_deliveries(pool, worker, timeout=10.0)
             if released:
                 logs.log(log, logging.INFO, "released unfinished deliveries", worker=worker, count=released)
             return released
@@ -600,7 +547,7 @@ async def ensure_n8n_endpoint(pool: Any, config: Config) -> None:
     if not config.n8n_webhook_url:
         return
     try:
-        await pool.fetchval(queries.ENSURE_ENDPOINT, "n8n", config.n8n_webhook_url, timeout=DB_TIMEOUT)
+        await store.ensure_endpoint(pool, "n8n", config.n8n_webhook_url, timeout=DB_TIMEOUT)
     except asyncpg.PostgresError as exc:
         err = barnum_error(exc)
         if err is not None:
@@ -798,8 +745,7 @@ class Relay:
                 # retry's new due time.
                 # Going idle: register as waiting, so producers NOTIFY us
                 # (they do not while every relay is busy), and get the timer.
-                due = await self.pool.fetchval(queries.RELAY_IDLE, self.worker, self._waiter_ttl,
-                                               timeout=DB_TIMEOUT)
+                due = await store.relay_idle(self.pool, self.worker, self._waiter_ttl, timeout=DB_TIMEOUT)
                 if failures:
                     logs.log(log, logging.INFO, "database reachable again", worker=self.worker)
                 failures = 0
@@ -878,7 +824,7 @@ class Relay:
         try:
             # Any round trip proves the connection; this one is granted to
             # the relay role and cheap.
-            await conn.fetchval(queries.NEXT_DUE_AT, timeout=min(5.0, max(1.0, self.options.sweep_interval)))
+            await store.next_due_at(conn, timeout=min(5.0, max(1.0, self.options.sweep_interval)))
             return True
         except Exception:  # noqa: BLE001
             return False
@@ -924,211 +870,23 @@ class Relay:
         if self.stopping:
             return
         try:
-            ticked = await self.pool.fetchval(queries.TICK, timeout=DB_TIMEOUT)
+            counts = await store.tick(self.pool, timeout=DB_TIMEOUT)
             if self.queue_gauges:
                 await metrics.refresh_queue_gauges(self.pool)
-            if ticked:
-                counts = json.loads(ticked)
-                if isinstance(counts, dict) and any(v for v in counts.values() if isinstance(v, (int, float))):
-                    logs.log(log, logging.INFO, "tick", **{k: v for k, v in counts.items()
-                                                           if isinstance(v, (int, float, str))})
+            if any(v for v in counts.values() if isinstance(v, (int, float))):
+                logs.log(log, logging.INFO, "tick", **{k: v for k, v in counts.items()
+                                                       if isinstance(v, (int, float, str))})
         except Exception as exc:  # noqa: BLE001
             logs.log(log, logging.WARNING, "tick failed", error=_describe(exc))
         # Whatever a missed notification would have said, look now.
         self._wake.set()
 
 
-# ---------------------------------------------------------------- entry points
-
-
-def _event_loop_runner() -> asyncio.Runner:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover — uvloop ships with uvicorn[standard]
-        return asyncio.Runner()
-    return asyncio.Runner(loop_factory=uvloop.new_event_loop)
-
-
-def _child_argv(args: argparse.Namespace, *, queue_gauges: bool) -> list[str]:
-    argv = [
-        sys.executable, "-m", "listener.relay",
-        "--concurrency", str(args.concurrency), "--batch", str(args.batch),
-        "--sweep-interval", str(args.sweep_interval), "--grace", str(args.grace),
-        "--lease", str(args.lease), "--batches-in-flight", str(getattr(args, "batches_in_flight", 2)),
-        "--processes", "1",
-    ]
-    if args.once:
-        argv.append("--once")
-    if queue_gauges:
-        argv.append(QUEUE_GAUGES_FLAG)
-    return argv
-
-
-def _serve_metrics(command: str, port: int, registry: Any = None) -> Callable[[], None] | None:
-    """Start the metrics server; None (after one line on stderr) if the port is taken."""
-    try:
-        return metrics.serve(port) if registry is None else metrics.serve(port, registry)
-    except OSError as exc:
-        print(f"barnum {command}: cannot serve metrics on 127.0.0.1:{port}: {exc.strerror or exc}",
-              file=sys.stderr)
-        return None
-
-
-def _run_relay(config: Config, options: Options, *, once: bool,
-               metrics_port: int | None = None, queue_gauges: bool = False) -> int:
-    stop_metrics: Callable[[], None] | None = None
-    if metrics_port is not None:
-        stop_metrics = _serve_metrics("relay", metrics_port)
-        if stop_metrics is None:
-            return 1
-
-    async def go() -> int:
-        relay = Relay(config, options)
-        relay.queue_gauges = queue_gauges or metrics_port is not None
-        return await relay.run(once=once)
-
-    try:
-        with _event_loop_runner() as runner:
-            return runner.run(go())
-    finally:
-        if stop_metrics is not None:
-            stop_metrics()
-
-
-def _die_with_parent() -> None:
-    """In a child: get SIGTERM if the parent dies (even by SIGKILL), on Linux."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
-    except (OSError, AttributeError):  # pragma: no cover — not Linux
-        pass
-
-
-def _run_processes(args: argparse.Namespace, options: Options) -> int:
-    """``--processes N``: N relay children, each a full relay; this process
-    only supervises them.
-
-    * SIGTERM/SIGINT are forwarded (the children are in their own process
-      group, so a terminal's Ctrl-C reaches them once, through us); a second
-      signal is forwarded too and abandons in-flight work, as for one relay.
-    * A child that exits on its own (not ``--once``) stops the others and the
-      exit status is 1: the service manager restarts the whole relay.
-    * ``--metrics-port``: the children write prometheus-client multiprocess
-      files to a fresh private directory, this process serves their sum and
-      removes the directory at exit (a SIGKILL leaves it in the temp dir; the
-      children get SIGTERM then, see :func:`_die_with_parent`).
-    """
-    import shutil
-    import tempfile
-
-    env = dict(os.environ)
-    multiproc_dir: str | None = None
-    stop_metrics: Callable[[], None] | None = None
-    if args.metrics_port is not None:
-        multiproc_dir = tempfile.mkdtemp(prefix="barnum-relay-metrics-")
-        env["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
-        stop_metrics = _serve_metrics("relay", args.metrics_port, metrics.multiprocess_registry(multiproc_dir))
-        if stop_metrics is None:
-            shutil.rmtree(multiproc_dir, ignore_errors=True)
-            return 1
-
-    children: list[subprocess.Popen[bytes]] = []
-    finished: dict[int, int] = {}  # pid → exit status
-    stopping = False
-    code = 0
-
-    def forward(signum: int) -> None:
-        for child in children:
-            if child.pid not in finished and child.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(child.pid, signum)
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        nonlocal stopping
-        stopping = True
-        forward(signum)
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        argv = _child_argv(args, queue_gauges=multiproc_dir is not None)
-        for _ in range(args.processes):
-            if stopping:
-                break
-            children.append(subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent, process_group=0))
-        logs.log(log, logging.INFO, "relay supervisor started", pid=os.getpid(), processes=args.processes,
-                 children=[c.pid for c in children], metrics_port=args.metrics_port,
-                 metrics_dir=multiproc_dir)
-        while len(finished) < len(children):
-            for child in children:
-                status = child.poll()
-                if status is None or child.pid in finished:
-                    continue
-                finished[child.pid] = status
-                if multiproc_dir is not None:
-                    metrics.mark_process_dead(child.pid, multiproc_dir)
-                if status != 0 and not (stopping and status in (-signal.SIGTERM, -signal.SIGINT)):
-                    code = 1
-                if not stopping and not args.once:
-                    logs.log(log, logging.ERROR, "relay process exited; stopping the others",
-                             pid=child.pid, status=status)
-                    code = 1
-                    stopping = True
-                    forward(signal.SIGTERM)
-            if len(finished) < len(children):
-                time.sleep(SUPERVISE_POLL)  # wait-ok: supervisor poll; signals interrupt it
-    finally:
-        for sig, handler in previous.items():
-            if handler is not None:
-                signal.signal(sig, handler)
-        # An exception here (not a signal): don't leave children behind.
-        forward(signal.SIGTERM)
-        deadline = time.monotonic() + options.grace + 15.0
-        for child in children:
-            try:
-                child.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-        if stop_metrics is not None:
-            stop_metrics()
-        if multiproc_dir is not None:
-            shutil.rmtree(multiproc_dir, ignore_errors=True)
-    return code
-
-
-def main(args: argparse.Namespace, config: Config) -> int:
-    """``barnum relay``: run the relay (``--processes`` N of them); exit status.
-
-    Raises :class:`ConfigError` for a missing ``DATABASE_URL`` or
-    ``WEBHOOK_SECRET`` (the CLI prints it on one line and exits 2).
-    """
-    config.require("DATABASE_URL", "WEBHOOK_SECRET")
-    options = Options.from_args(args)
-    logs.setup(config.log_level)
-    if getattr(args, "processes", 1) > 1:
-        return _run_processes(args, options)
-    return _run_relay(config, options, once=args.once, metrics_port=getattr(args, "metrics_port", None),
-                      queue_gauges=getattr(args, "queue_gauges", False))
-
-
-def _cli(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="barnum relay", description="Deliver the outbox to webhook endpoints.")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return main(args, load())
-    except ConfigError as exc:
-        print(f"barnum relay: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-__all__ = ["add_arguments", "add_delivery_arguments", "add_metrics_port", "main", "run_once", "process_due", "Relay", "Deliverer", "Options",
-           "Stats", "worker_name"]
+__all__ = ["run_once", "process_due", "Relay", "Deliverer", "Options", "Stats", "worker_name"]
 
 if __name__ == "__main__":
+    # `python -m listener.relay` is `barnum relay` (the --processes children
+    # and the previous releases' service files start it this way).
+    from listener.relay_cli import _cli
+
     sys.exit(_cli())

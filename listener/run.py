@@ -22,7 +22,8 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from listener import logs, metrics, relay, shim
+from listener import logs, metrics, relay, relay_cli, shim
+from listener.relay_cli import event_loop_runner
 from listener.config import Config
 
 
@@ -40,8 +41,8 @@ class _Refused(argparse.Action):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    relay.add_delivery_arguments(parser)
-    relay.add_metrics_port(parser)
+    relay_cli.add_delivery_arguments(parser)
+    relay_cli.add_metrics_port(parser)
     parser.add_argument("--once", action=_Refused, nargs=0, default=argparse.SUPPRESS,
                         advice="use `barnum relay --once` to deliver what is due and exit",
                         help=argparse.SUPPRESS)
@@ -115,11 +116,8 @@ def main(args: argparse.Namespace, config: Config) -> int:
     metrics_port: int | None = args.metrics_port
     stop_metrics: Callable[[], None] | None = None
     if metrics_port is not None:
-        try:
-            stop_metrics = metrics.serve(metrics_port)
-        except OSError as exc:
-            print(f"barnum run: cannot serve metrics on 127.0.0.1:{metrics_port}: {exc.strerror or exc}",
-                  file=sys.stderr)
+        stop_metrics = metrics.serve_for("run", metrics_port)
+        if stop_metrics is None:
             return 1
     try:
         with event_loop_runner() as runner:
@@ -127,12 +125,3 @@ def main(args: argparse.Namespace, config: Config) -> int:
     finally:
         if stop_metrics is not None:
             stop_metrics()
-
-
-def event_loop_runner() -> asyncio.Runner:
-    """An asyncio runner on uvloop (shipped with uvicorn[standard])."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover
-        return asyncio.Runner()
-    return asyncio.Runner(loop_factory=uvloop.new_event_loop)

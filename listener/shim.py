@@ -36,7 +36,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Concatenate, Final, ParamSpec, TypeVar
 from urllib.parse import quote
 
 import asyncpg
@@ -48,13 +48,15 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from listener import logs, metrics, pages, queries
+from listener import logs, metrics, pages, store
 from listener.config import Config, ConfigError
 from listener.db import barnum_error, create_pool, schema_problem
 from listener.realtime import Realtime, SocketIOMiddleware
 from listener.signing import Verdict, verify_callback
 
 log = logging.getLogger("barnum.shim")
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 #: Largest callback body accepted (SPEC §4.2); enforced while reading.
 MAX_BODY_BYTES: Final = 64 * 1024
@@ -191,19 +193,15 @@ class _Shim:
 
     # --- database -------------------------------------------------------
 
-    async def fetch_text(self, query: str, *args: Any, timeout: float = QUERY_TIMEOUT) -> Any:
+    async def db(self, call: Callable[Concatenate[Any, _P], Awaitable[_T]], *args: _P.args,
+                 **kwargs: _P.kwargs) -> _T:
+        """``call`` (a :mod:`listener.store` function) on a pooled connection,
+        with the shim's query timeout unless ``timeout=`` says otherwise."""
         if self.pool is None:
             raise asyncpg.InterfaceError("the database pool is not open")
+        kwargs.setdefault("timeout", QUERY_TIMEOUT)
         async with self.pool.acquire(timeout=ACQUIRE_TIMEOUT) as con:
-            return await con.fetchval(query, *args, timeout=timeout)
-
-    async def fetch_json(self, query: str, *args: Any) -> dict[str, Any]:
-        text = await self.fetch_text(query, *args)
-        value = json.loads(text) if isinstance(text, str) else None
-        if not isinstance(value, dict):
-            raise RuntimeError(f"unexpected SQL result of type {type(value).__name__}")
-        self.learn_locale(value.get("locale"))
-        return value
+            return await call(con, *args, **kwargs)
 
     def learn_locale(self, value: object) -> str:
         if isinstance(value, str) and value:
@@ -214,11 +212,8 @@ class _Shim:
         """The clinic locale now, for pages rendered before any SQL call;
         the last known one if the database cannot say."""
         try:
-            text = await self.fetch_text(queries.SHIM_CONFIG, timeout=READY_TIMEOUT)
-            if isinstance(text, str):
-                doc = json.loads(text)
-                if isinstance(doc, dict):
-                    return self.learn_locale(doc.get("locale"))
+            doc = await self.db(store.shim_config, timeout=READY_TIMEOUT)
+            return self.learn_locale(doc.get("locale"))
         except Exception as exc:  # noqa: BLE001 - best effort: any failure keeps the cached locale
             log.debug("shim_config unavailable", extra={"fields": _error_fields(exc)})
         return self.locale
@@ -259,7 +254,7 @@ class _Shim:
         try:
             if request.method == "POST":
                 return await self._perform(token, action)
-            peek = await self.fetch_json(queries.PEEK_ACTION, token)
+            peek = await self.db(store.peek_action, token)
             locale = self.learn_locale(peek.get("locale"))
             if peek.get("action_type") != action:
                 return html_response(400, pages.error_page(locale, 400))
@@ -280,7 +275,8 @@ class _Shim:
             return self._action_error(exc)
 
     async def _perform(self, token: str, action: str) -> Response:
-        result = await self.fetch_json(queries.PERFORM_ACTION, token, action)
+        result = await self.db(store.perform_action, token, action)
+        self.learn_locale(result.get("locale"))
         appointment = result.get("appointment")
         return html_response(
             200,
@@ -372,7 +368,7 @@ class _Shim:
 
         # 5. One SQL call; the idempotency key is one the signature covers.
         try:
-            result = await self.fetch_text(queries.HANDLE_CALLBACK, action, text, verdict.idempotency_key)
+            result = await self.db(store.handle_callback, action, text, verdict.idempotency_key)
         except Exception as exc:  # noqa: BLE001 - mapped to a JSON error below
             return self._webhook_error(exc), label
         if not isinstance(result, str):
@@ -441,10 +437,9 @@ class _Shim:
         """Prometheus text: this process's counters plus the queue gauges
         (refreshed from queue_stats() now; stale values if the DB is down)."""
         try:
-            stats = await asyncio.wait_for(self.fetch_text(queries.QUEUE_STATS, timeout=READY_TIMEOUT),
-                                           READY_TIMEOUT)
-            if isinstance(stats, str):
-                metrics.set_queue_gauges(json.loads(stats))
+            stats = await asyncio.wait_for(self.db(store.queue_stats, timeout=READY_TIMEOUT), READY_TIMEOUT)
+            if stats:
+                metrics.set_queue_gauges(stats)
         except Exception as exc:  # noqa: BLE001 - metrics must not fail the scrape
             logs.log(log, logging.WARNING, "metrics: queue stats unavailable", **_error_fields(exc))
         return Response(metrics.render(), media_type=metrics.CONTENT_TYPE)

@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import time
-from typing import Any, Final
+from typing import Final
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from listener import logs, metrics, queries
+from listener import logs, metrics, store
 from listener.db import barnum_error
 from listener.shim import (
     _log_failure,
@@ -132,10 +131,9 @@ class WhatsApp:
         # JSON syntax is checked by the jsonb cast of the one SQL call (a
         # second parse here would cost the hot path; SQLSTATE 22 → 400).
         try:
-            text = await self.shim.fetch_text(queries.INGEST_WHATSAPP, payload)
+            result = await self.shim.db(store.ingest_whatsapp, payload)
         except Exception as exc:  # noqa: BLE001 - mapped to a JSON error below
             return self._error(exc)
-        result: dict[str, Any] = json.loads(text) if isinstance(text, str) else {}
         return json_response(200, {"success": True, "data": result}), "stored"
 
     def _error(self, exc: BaseException) -> tuple[Response, str]:

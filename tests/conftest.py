@@ -29,7 +29,7 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 
 from listener.migrate import MigrationError, migrate
-from listener.pgcluster import PgServer, provision
+from tests.pgcluster import PgServer, provision
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE_DB = "barnum_template"

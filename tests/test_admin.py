@@ -620,7 +620,7 @@ def test_production_roles_as_the_readme_says() -> None:
     barnum_relay/barnum_shim first; login roles get them with IN ROLE and
     can call their functions, not read tables."""
     from listener import migrate
-    from listener.pgcluster import LocalCluster, PgClusterError
+    from tests.pgcluster import LocalCluster, PgClusterError
 
     try:
         cluster = LocalCluster()

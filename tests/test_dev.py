@@ -24,7 +24,7 @@ import psycopg
 import pytest
 
 from listener.dev import phone_view, reissued, render_message
-from listener.pgcluster import free_port
+from tests.pgcluster import free_port
 
 BARNUM = str(Path(sys.executable).parent / "barnum")
 CONFIRM = re.compile(r"(http://127\.0\.0\.1:\d+/api/action\?type=confirm&token=[A-Za-z0-9_-]+)")

@@ -81,7 +81,7 @@ def test_relay_metrics_port(db_conn: psycopg.Connection, tmp_path: Path, db_url:
     queue gauges, refreshed on every sweep."""
     import httpx
 
-    from listener.pgcluster import free_port
+    from tests.pgcluster import free_port
     from tests.helpers import wait_until
     from tests.receiver import Receiver
     from tests.test_relay import SECRET as RELAY_SECRET
@@ -138,7 +138,7 @@ def test_relay_processes_metrics_port_sums_the_children(
 
     import httpx
 
-    from listener.pgcluster import free_port
+    from tests.pgcluster import free_port
     from tests.helpers import wait_until
     from tests.receiver import Receiver, Reply
     from tests.test_relay import SECRET as RELAY_SECRET
@@ -197,7 +197,7 @@ def test_run_metrics_port_serves_metrics(db_conn: psycopg.Connection, tmp_path: 
 
     import httpx
 
-    from listener.pgcluster import free_port
+    from tests.pgcluster import free_port
     from tests.helpers import wait_until
     from tests.receiver import Receiver
     from tests.test_relay import REPO_ROOT

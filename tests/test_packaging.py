@@ -64,6 +64,16 @@ def test_wheel_contains_every_migration_and_function_file(wheel: Path) -> None:
     assert "barnum-0.1.0.dist-info/entry_points.txt" in names
 
 
+def test_wheel_ships_every_module_and_no_test_code(wheel: Path) -> None:
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+    modules = sorted(p.name for p in (REPO_ROOT / "listener").glob("*.py"))
+    assert {"devdb.py", "store.py", "relay.py", "relay_cli.py", "supervisor.py"} <= set(modules)
+    assert [m for m in modules if f"listener/{m}" not in names] == []
+    # The throwaway test servers stay in the repository (tests/pgcluster.py).
+    assert not any(n.startswith("tests/") or n.endswith("/pgcluster.py") for n in names)
+
+
 def test_installed_barnum_migrates_from_outside_the_checkout(
     wheel: Path, empty_db_url: str, tmp_path: Path
 ) -> None:

@@ -6,7 +6,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from listener.pgcluster import PgServer, make_url, with_dbname
+from tests.pgcluster import PgServer, make_url, with_dbname
 
 
 def test_with_dbname_keeps_every_other_parameter() -> None:

@@ -38,7 +38,7 @@ import psycopg
 import pytest
 
 from listener.migrate import migrate
-from listener.pgcluster import PgServer, free_port
+from tests.pgcluster import PgServer, free_port
 from tests.conftest import create_database, drop_database
 from tests.e2e.fakes import CallbackRecorder, FakeGraphAPI, Inbound
 from tests.helpers import wait_until

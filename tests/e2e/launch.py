@@ -4,7 +4,7 @@
 
 Prefers the ``barnum relay`` / ``barnum shim`` subcommands of listener.cli
 (SPEC §6); falls back to the modules' own entry points while the CLI does not
-have them yet (``listener.relay._cli``; ``listener.shim.main``). Configuration
+have them yet (``listener.relay_cli._cli``; ``listener.shim.main``). Configuration
 comes from the environment (DATABASE_URL, WEBHOOK_SECRET, BARNUM_PORT, …).
 """
 
@@ -26,9 +26,9 @@ def main(argv: list[str]) -> int:
     from listener.config import ConfigError, load
 
     if what == "relay":
-        from listener import relay
+        from listener import relay_cli
 
-        return relay._cli([])
+        return relay_cli._cli([])
     from listener import shim
 
     parser = argparse.ArgumentParser(prog="barnum shim")

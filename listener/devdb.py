@@ -1,23 +1,18 @@
-"""Provision a throwaway (or persistent) PostgreSQL server.
+"""The PostgreSQL server of ``barnum dev``: provisioned once, kept across runs.
 
-Used by the test suite (``tests/conftest.py``) and by ``barnum dev``.  Three
-ways to get a server, tried in this order by :func:`provision`:
-
-1. an existing server named by a URL (``TEST_DATABASE_URL`` in the tests) —
-   shared, so never restarted or stopped by us (:class:`ExternalServer`);
-2. local server binaries (``initdb``/``pg_ctl`` on ``PATH`` or under
-   ``/usr/lib/postgresql/*/bin``, highest version first): a private cluster in
-   a temporary directory, or a persistent one for ``barnum dev``
-   (:class:`LocalCluster`);
-3. a Docker container via ``testcontainers`` when a Docker engine is reachable
-   (:class:`ContainerServer`; the package is imported lazily and is not a
-   dependency).
+:func:`dev_server` picks it: local server binaries (``initdb``/``pg_ctl`` on
+``PATH`` or under ``/usr/lib/postgresql/*/bin``, highest version first) run a
+persistent cluster in ``<project>/.barnum/pgdata`` (:class:`LocalCluster`;
+``barnum dev`` keeps its port across runs), else the embedded ``pgserver``
+package (:class:`EmbeddedServer`, ``pip install 'barnum[embedded]'``).
 
 PostgreSQL refuses to run ``initdb``/``pg_ctl`` as root, so when we are root
 every server command runs through ``runuser -u postgres --`` and the cluster's
 directory is owned by ``postgres`` (with every parent directory traversable).
 
-Only the standard library and psycopg are used here.
+The test suite's throwaway servers (a temporary cluster, ``TEST_DATABASE_URL``,
+testcontainers) build on this module in ``tests/pgcluster.py``.  Only the
+standard library and psycopg are used here.
 """
 
 from __future__ import annotations
@@ -33,16 +28,14 @@ import shutil
 import socket
 import stat
 import subprocess
-import tempfile
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
 
-log = logging.getLogger("barnum.pgcluster")
+log = logging.getLogger("barnum.devdb")
 
 MIN_MAJOR = 15
 _SERVER_USER = "postgres"
@@ -52,27 +45,6 @@ _MAX_SOCKET_DIR_LEN = 80
 
 class PgClusterError(RuntimeError):
     """No PostgreSQL could be provisioned, or the server failed to start/stop."""
-
-
-class PgServer(Protocol):
-    """What callers (tests, ``barnum dev``) rely on, whatever the backend."""
-
-    @property
-    def can_restart(self) -> bool: ...
-
-    @property
-    def is_running(self) -> bool: ...
-
-    @property
-    def admin_dsn(self) -> str: ...
-
-    def dsn(self, dbname: str = "postgres") -> str: ...
-
-    def start(self) -> None: ...
-
-    def stop(self) -> None: ...
-
-    def restart(self) -> None: ...
 
 
 # --------------------------------------------------------------------- helpers
@@ -108,13 +80,6 @@ def make_url(params: dict[str, str]) -> str:
     if extra:
         url += "?" + urllib.parse.urlencode(extra)
     return url
-
-
-def with_dbname(dsn: str, dbname: str) -> str:
-    """Return ``dsn`` (URL or ``key=value``) as a URL naming database ``dbname``."""
-    params = {k: v for k, v in conninfo_to_dict(dsn).items() if v is not None}
-    params["dbname"] = dbname
-    return make_url({k: str(v) for k, v in params.items()})
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -245,45 +210,12 @@ def _user_gids(pw: pwd.struct_passwd) -> set[int]:
 # --------------------------------------------------------------------- servers
 
 
-class ExternalServer:
-    """An already-running server named by a URL; shared, so never restarted."""
-
-    can_restart = False
-
-    def __init__(self, url: str) -> None:
-        self._url = url
-
-    @property
-    def is_running(self) -> bool:
-        try:
-            with psycopg.connect(self._url, connect_timeout=2):
-                return True
-        except psycopg.Error:
-            return False
-
-    @property
-    def admin_dsn(self) -> str:
-        return self._url
-
-    def dsn(self, dbname: str = "postgres") -> str:
-        return with_dbname(self._url, dbname)
-
-    def start(self) -> None:
-        wait_for_connection(self._url, timeout=30.0)
-
-    def stop(self) -> None:
-        pass  # not ours
-
-    def restart(self) -> None:
-        raise PgClusterError("the server named by the database URL is shared; not restarting it")
-
-
 class LocalCluster:
-    """A PostgreSQL cluster we run from local binaries, on 127.0.0.1 only.
+    """A PostgreSQL cluster we run from local binaries, on 127.0.0.1 only,
+    in ``data_dir`` (created by ``initdb`` on the first start, then reused).
 
-    ``LocalCluster()`` makes a throwaway cluster in a fresh temporary directory
-    (removed by :meth:`stop` / :meth:`cleanup`).  ``LocalCluster.persistent(dir)``
-    keeps its data directory across runs (``barnum dev``).
+    ``LocalCluster.persistent(dir)`` is ``barnum dev``'s; the tests' throwaway
+    cluster in a temporary directory subclasses this (``tests/pgcluster.py``).
     """
 
     can_restart = True
@@ -291,10 +223,9 @@ class LocalCluster:
 
     def __init__(
         self,
-        data_dir: Path | None = None,
+        data_dir: Path,
         *,
         port: int | None = None,
-        keep: bool = False,
         bindir: Path | None = None,
         extra_settings: dict[str, str] | None = None,
     ) -> None:
@@ -305,17 +236,7 @@ class LocalCluster:
         self.bindir = bindir
         self._as_root = _is_root()
         self._pw = _server_user() if self._as_root else None
-        self._tmpdir: Path | None = None
-        if data_dir is None:
-            parent = "/tmp" if self._as_root and os.path.isdir("/tmp") else None
-            self._tmpdir = Path(tempfile.mkdtemp(prefix="barnum-pg-", dir=parent))
-            os.chmod(self._tmpdir, 0o755)
-            if self._pw is not None:
-                os.chown(self._tmpdir, self._pw.pw_uid, self._pw.pw_gid)
-            data_dir = self._tmpdir / "data"
-            keep = False
         self.data_dir = data_dir.absolute()
-        self.keep = keep
         self._fixed_port = port is not None
         self.port = port if port is not None else free_port(self.host)
         self.settings: dict[str, str] = {
@@ -361,7 +282,7 @@ class LocalCluster:
         os.chmod(base, os.stat(base).st_mode | 0o755)
         data_dir = base / "pgdata"
         running_port = _running_port(data_dir)
-        cluster = cls(data_dir, port=port or running_port, keep=True)
+        cluster = cls(data_dir, port=port or running_port)
         cluster.note = note
         if note:
             log.warning("%s", note)
@@ -384,8 +305,7 @@ class LocalCluster:
 
     @property
     def log_file(self) -> Path:
-        base = self._tmpdir if self._tmpdir is not None else self.data_dir.parent
-        return base / "postgres.log"
+        return self.data_dir.parent / "postgres.log"
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -412,10 +332,9 @@ class LocalCluster:
             self._atexit_registered = True
 
     def stop(self) -> None:
-        """Stop the server (``pg_ctl stop -m fast``); remove a throwaway cluster."""
+        """Stop the server (``pg_ctl stop -m fast``); the data stays."""
         if self.is_running:
             self._pg_ctl("stop", "-m", "fast", "-w", "-t", "60")
-        self.cleanup()
 
     def restart(self, timeout: float = 60.0) -> None:
         """Fast-stop then start again on the same port and data directory.
@@ -427,19 +346,6 @@ class LocalCluster:
             self._pg_ctl("stop", "-m", "fast", "-w", "-t", "60")
         self._prepare_log()
         self._start_once(timeout)
-
-    def cleanup(self) -> None:
-        """Remove the temporary directory of a throwaway, stopped cluster."""
-        if self._tmpdir is not None and not self.keep and not self.is_running:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-            self._tmpdir = None
-
-    def __enter__(self) -> LocalCluster:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # -- internals ------------------------------------------------------------
 
@@ -579,89 +485,6 @@ def _running_port(data_dir: Path) -> int | None:
     except (OSError, IndexError, ValueError):
         return None
     return port
-
-
-class ContainerServer:
-    """PostgreSQL in Docker via ``testcontainers`` (imported lazily)."""
-
-    can_restart = False
-
-    def __init__(self, image: str = "postgres:15-alpine") -> None:
-        try:
-            from testcontainers.postgres import PostgresContainer
-        except ImportError as exc:
-            raise PgClusterError("testcontainers is not installed") from exc
-        self._container = PostgresContainer(image)
-        self._url: str | None = None
-
-    @staticmethod
-    def docker_available() -> bool:
-        host = os.environ.get("DOCKER_HOST", "")
-        if host.startswith("tcp://") or host.startswith("ssh://"):
-            return True
-        sock = host[len("unix://"):] if host.startswith("unix://") else "/var/run/docker.sock"
-        if not os.path.exists(sock):
-            return False
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(2)
-                s.connect(sock)
-            return True
-        except OSError:
-            return False
-
-    @property
-    def is_running(self) -> bool:
-        return self._url is not None
-
-    @property
-    def admin_dsn(self) -> str:
-        return self.dsn("postgres")
-
-    def dsn(self, dbname: str = "postgres") -> str:
-        if self._url is None:
-            raise PgClusterError("container not started")
-        return with_dbname(self._url, dbname)
-
-    def start(self) -> None:
-        self._container.start()
-        raw = str(self._container.get_connection_url())
-        self._url = re.sub(r"^postgresql\+\w+://", "postgresql://", raw)
-        wait_for_connection(self._url, timeout=60.0)
-
-    def stop(self) -> None:
-        if self._url is not None:
-            self._container.stop()
-            self._url = None
-
-    def restart(self) -> None:
-        raise PgClusterError("restarting a testcontainers server is not supported")
-
-
-def provision(url: str | None = None) -> PgServer:
-    """The first available server: ``url``, local binaries, then Docker.
-
-    The result is not started yet; call ``start()`` (a no-op wait for ``url``).
-    """
-    if url:
-        return ExternalServer(url)
-    errors: list[str] = []
-    try:
-        return LocalCluster()
-    except PgClusterError as exc:
-        errors.append(f"local binaries: {exc}")
-    if ContainerServer.docker_available():
-        try:
-            return ContainerServer()
-        except PgClusterError as exc:
-            errors.append(f"testcontainers: {exc}")
-    else:
-        errors.append("testcontainers: no Docker engine reachable")
-    raise PgClusterError(
-        "no PostgreSQL available. Set TEST_DATABASE_URL to a server you can create "
-        "databases on, install PostgreSQL 15+ server binaries, or run Docker.\n  "
-        + "\n  ".join(errors)
-    )
 
 
 class EmbeddedServer:
