@@ -118,6 +118,13 @@ REALTIME_EVENTS = "SELECT barnum.realtime_events($1::text[])::text"
 #: The LISTEN connection's health check (needs no privilege).
 REALTIME_PING = "SELECT 1"
 
+#: A shim watching at least one conversation registers ($1 worker, $2 ttl):
+#: only then do the realtime triggers NOTIFY (NOTIFY serialises commits).
+REALTIME_LISTENING = "SELECT barnum.realtime_listening($1, $2::interval)"
+
+#: The shim's last conversation closed: no more NOTIFYs for it.
+REALTIME_QUIET = "SELECT barnum.realtime_quiet($1)"
+
 # --- operator tools (barnum endpoints | dlq | status | settings) --------------
 
 #: Add an endpoint: name, url, secret, event_types text[], max_attempts,

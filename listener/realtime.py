@@ -30,10 +30,15 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import re
+import secrets
+import socket
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Concatenate, Final, ParamSpec, TypeVar
 
 import asyncpg
@@ -57,6 +62,9 @@ TOKEN_RE: Final = re.compile(r"bnt_[A-Za-z0-9_-]{43}")
 BATCH_MAX: Final = 500
 #: Seconds between health checks of the LISTEN connection.
 HEALTH_INTERVAL: Final = 10.0
+#: How long a registration in barnum.realtime_listeners lasts (refreshed
+#: every HEALTH_INTERVAL while a conversation is open here).
+REGISTRATION_TTL: Final = timedelta(seconds=30)
 BACKOFF_FIRST: Final = 0.5
 BACKOFF_CAP: Final = 30.0
 ACQUIRE_TIMEOUT: Final = 5.0
@@ -152,6 +160,10 @@ class Realtime:
         self._stop = asyncio.Event()
         self._conn: Any = None
         self._tasks: list[asyncio.Task[None]] = []
+        #: This process's name in barnum.realtime_listeners, and when it last
+        #: registered there (monotonic; 0: not registered).
+        self.worker = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self._registered_at = 0.0
 
     # --- ASGI ---------------------------------------------------------------
 
@@ -252,9 +264,26 @@ class Realtime:
                 if had or failures:
                     logs.log(log, logging.INFO, "realtime: LISTEN connection restored")
                 failures = 0
+            await self._keep_registration()
             self._lost.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._lost.wait(), HEALTH_INTERVAL)
+
+    async def _keep_registration(self) -> None:
+        """While a conversation is open here, stay registered (the triggers
+        NOTIFY only then); when none is, leave."""
+        try:
+            if self.watched:
+                await self._register()
+            elif self._registered_at:
+                await self._db(store.realtime_quiet, self.worker)
+                self._registered_at = 0.0
+        except Exception as exc:  # noqa: BLE001 - retried at the next health check
+            logs.log(log, logging.WARNING, "realtime: registration failed", **_error_fields(exc))
+
+    async def _register(self) -> None:
+        await self._db(store.realtime_listening, self.worker, REGISTRATION_TTL)
+        self._registered_at = time.monotonic()
 
     def _on_notify(self, conn: Any, pid: int, channel: str, payload: str) -> None:
         contact = contact_of(payload)
@@ -363,6 +392,13 @@ class Realtime:
             return False
         if contact in client.rooms:  # joined meanwhile by a concurrent call
             return True
+        if time.monotonic() - self._registered_at > HEALTH_INTERVAL:
+            # Registered (committed) before the ack: what commits after it is sent.
+            try:
+                await self._register()
+            except Exception as exc:  # noqa: BLE001 - not joined: the client may retry
+                logs.log(log, logging.WARNING, "realtime: registration failed", **_error_fields(exc))
+                return False
         await self.sio.enter_room(sid, room_of(client.account, contact))
         client.rooms.add(contact)
         self.watched[contact] += 1

@@ -275,6 +275,18 @@ async def realtime_ping(conn: Executor, *, timeout: float | None = None) -> None
     await conn.fetchval(queries.REALTIME_PING, timeout=timeout)
 
 
+async def realtime_listening(conn: Executor, worker: str, ttl: timedelta, *,
+                             timeout: float | None = None) -> None:
+    """Register this shim as watching for ``ttl`` (re-register before it ends):
+    only then do the realtime triggers NOTIFY."""
+    await conn.fetchval(queries.REALTIME_LISTENING, worker, ttl, timeout=timeout)
+
+
+async def realtime_quiet(conn: Executor, worker: str, *, timeout: float | None = None) -> None:
+    """This shim watches nothing any more."""
+    await conn.fetchval(queries.REALTIME_QUIET, worker, timeout=timeout)
+
+
 # --- operator tools (barnum endpoints | dlq | status | settings | …) ----------
 
 

@@ -297,6 +297,14 @@ async def test_the_triggers_notify_ids_only(db_url: str, db_conn: Conn) -> None:
     got: asyncio.Queue[str] = asyncio.Queue()
     await conn.add_listener("barnum_realtime", lambda *args: got.put_nowait(args[3]))
     try:
+        # Nobody watching: no NOTIFY at all (NOTIFY serialises commits).
+        db_conn.execute("SELECT barnum.ingest_whatsapp(%s::jsonb)",
+                        (psycopg.types.json.Json(notification(text_message("wamid.T0", "unwatched"))),))
+        db_conn.execute("SELECT barnum.notify_typing(gen_random_uuid(), true)")
+        db_conn.execute("SELECT pg_notify('barnum_realtime', 'marker-0')")
+        assert await asyncio.wait_for(got.get(), 10) == "marker-0", "nothing before the marker"
+        # A shim watching a conversation registers: from then on, ids at commit.
+        db_conn.execute("SELECT barnum.realtime_listening('test-shim', '1 minute')")
         db_conn.execute("SELECT barnum.ingest_whatsapp(%s::jsonb)",
                         (psycopg.types.json.Json(notification(text_message("wamid.T1", "x" * 60000))),))
         contact = contact_id(db_conn)
@@ -323,6 +331,11 @@ async def test_the_triggers_notify_ids_only(db_url: str, db_conn: Conn) -> None:
             db_conn.execute("DO $$ BEGIN RAISE EXCEPTION 'rollback'; END $$")
         db_conn.execute("SELECT pg_notify('barnum_realtime', 'marker')")
         assert await asyncio.wait_for(got.get(), 10) == "marker"
+        # The shim leaves: quiet again.
+        db_conn.execute("SELECT barnum.realtime_quiet('test-shim')")
+        db_conn.execute("UPDATE barnum.messages SET status = 'failed' WHERE id = %s", (msg,))
+        db_conn.execute("SELECT pg_notify('barnum_realtime', 'marker-2')")
+        assert await asyncio.wait_for(got.get(), 10) == "marker-2"
     finally:
         await conn.close()
 
@@ -354,12 +367,16 @@ def notifications(outcome: str) -> float:
 
 
 async def test_nobody_watching_costs_no_query(rt: Running, db_conn: Conn) -> None:
-    """Without a socket in a conversation its notifications are dropped on
-    arrival (no realtime_events call); once watched, they are queued."""
+    """With no conversation open anywhere the triggers send no NOTIFY at all
+    (barnum.realtime_listeners is empty); once one is watched, its
+    notifications are queued — and one no socket here watches is dropped on
+    arrival, without a query."""
     token = create_token(db_conn)
     unwatched, queued = notifications("unwatched"), notifications("queued")
     inbound(rt, "wamid.RT-N1", "nobody looks")
-    wait_until(lambda: notifications("unwatched") > unwatched, message="the notification")
+    db_conn.execute("SELECT pg_notify('barnum_realtime', 'marker')")  # arrives after anything N1 sent
+    wait_until(lambda: notifications("unwatched") > unwatched, message="the marker")
+    assert notifications("unwatched") == unwatched + 1, "the message itself sent no NOTIFY"
     assert notifications("queued") == queued
     assert rt.client.get("/healthz").status_code == 200
     async with connected(rt, token) as probe:
@@ -367,6 +384,10 @@ async def test_nobody_watching_costs_no_query(rt: Running, db_conn: Conn) -> Non
         inbound(rt, "wamid.RT-N2", "now someone does")
         await probe.next("message:new")
         assert notifications("queued") == queued + 1
+        before = notifications("unwatched")
+        inbound(rt, "wamid.RT-N3", "another contact", wa_id="351922000002")
+        wait_until(lambda: notifications("unwatched") > before, message="the other contact's notification")
+        assert notifications("queued") == queued + 1, "a conversation nobody here watches costs no query"
 
 
 # ------------------------------------------------------------------ CORS

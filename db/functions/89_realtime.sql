@@ -13,11 +13,20 @@
 -- moved on by the time it is read).  Details come from realtime_events: one
 -- round trip per burst.
 
+-- Is any shim watching a conversation now (registered by realtime_listening)?
+-- With nobody watching, nothing is NOTIFYed: NOTIFY serialises commits.
+CREATE OR REPLACE FUNCTION barnum.realtime_watched() RETURNS boolean
+LANGUAGE sql STABLE
+AS $$ SELECT EXISTS (SELECT 1 FROM barnum.realtime_listeners WHERE until > now()) $$;
+
 CREATE OR REPLACE FUNCTION barnum.realtime_notify_message() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = barnum, pg_temp
 AS $$
 BEGIN
+    IF NOT barnum.realtime_watched() THEN
+        RETURN NULL;
+    END IF;
     IF TG_OP = 'INSERT' THEN
         PERFORM pg_notify('barnum_realtime', format('message:%s:%s', NEW.id, NEW.contact_id));
     ELSIF NEW.status IS NOT NULL THEN
@@ -45,7 +54,9 @@ LANGUAGE plpgsql
 SET search_path = barnum, pg_temp
 AS $$
 BEGIN
-    PERFORM pg_notify('barnum_realtime', format('session:%s:%s:%s', NEW.id, NEW.contact_id, NEW.status));
+    IF barnum.realtime_watched() THEN
+        PERFORM pg_notify('barnum_realtime', format('session:%s:%s:%s', NEW.id, NEW.contact_id, NEW.status));
+    END IF;
     RETURN NULL;
 END
 $$;
@@ -72,8 +83,32 @@ SET search_path = barnum, pg_temp
 AS $$
     SELECT pg_notify('barnum_realtime',
                      format('typing:%s:%s', p_contact_id, CASE WHEN p_on THEN 'start' ELSE 'stop' END))
-     WHERE p_contact_id IS NOT NULL AND p_on IS NOT NULL
+     WHERE p_contact_id IS NOT NULL AND p_on IS NOT NULL AND barnum.realtime_watched()
 $$;
+
+-- A shim with at least one conversation open registers (and re-registers
+-- before p_ttl runs out); when its last one closes it leaves.  The
+-- registration commits before join:conversation is acknowledged, so events
+-- after the ack are not missed.
+CREATE OR REPLACE FUNCTION barnum.realtime_listening(p_worker text, p_ttl interval DEFAULT '30 seconds')
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = barnum, pg_temp
+AS $$
+BEGIN
+    IF p_worker IS NULL OR btrim(p_worker) = '' OR p_ttl IS NULL OR p_ttl NOT BETWEEN '1 second' AND '1 hour' THEN
+        PERFORM barnum.fail('BN422', 'realtime_listening needs a worker name and a ttl of 1 second to 1 hour');
+    END IF;
+    INSERT INTO barnum.realtime_listeners (worker, until) VALUES (p_worker, now() + p_ttl)
+    ON CONFLICT (worker) DO UPDATE SET until = EXCLUDED.until;
+    DELETE FROM barnum.realtime_listeners WHERE until < now() - interval '1 minute';
+END
+$$;
+
+CREATE OR REPLACE FUNCTION barnum.realtime_quiet(p_worker text) RETURNS void
+LANGUAGE sql SECURITY DEFINER
+SET search_path = barnum, pg_temp
+AS $$ DELETE FROM barnum.realtime_listeners WHERE worker = p_worker $$;
 
 CREATE OR REPLACE FUNCTION barnum.is_uuid(p text) RETURNS boolean
 LANGUAGE sql IMMUTABLE

@@ -72,3 +72,7 @@ COMMENT ON FUNCTION barnum.realtime_can_join(text, text) IS
 'join:conversation: whether the token''s account owns the contact; false alike for a malformed id, an unknown one and another account''s.';
 COMMENT ON FUNCTION barnum.notify_typing(uuid, boolean) IS
 'NOTIFY barnum_realtime typing:<contact>:start|stop (sent at commit, in order with the messages of the same transaction).';
+COMMENT ON FUNCTION barnum.realtime_listening(text, interval) IS
+'A shim with a conversation open registers for p_ttl (and re-registers while watching): only then do the realtime triggers NOTIFY.';
+COMMENT ON FUNCTION barnum.realtime_quiet(text) IS
+'A shim whose last conversation closed leaves: with nobody watching, message inserts send no NOTIFY.';

@@ -49,5 +49,7 @@ GRANT EXECUTE ON FUNCTION
     barnum.realtime_can_join(text, text),
     barnum.realtime_event(text),
     barnum.realtime_events(text[]),
-    barnum.notify_typing(uuid, boolean)
+    barnum.notify_typing(uuid, boolean),
+    barnum.realtime_listening(text, interval),
+    barnum.realtime_quiet(text)
 TO barnum_shim;
