@@ -8,14 +8,17 @@ confirmed); plus the demo's message wording."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -117,11 +120,34 @@ class DevProcess:
 
 
 @pytest.fixture
-def project(tmp_path: Path) -> Path:
+def project(tmp_path: Path) -> Iterator[Path]:
     # Like a fresh clone: an empty directory the user runs `barnum dev` in.
     d = tmp_path / "clinic"
     d.mkdir()
-    return d
+    yield d
+    # As root the cluster may live in /var/tmp/barnum-<hash of the project
+    # path> (when postgres cannot reach the project): don't leave it behind.
+    fallback = Path("/var/tmp") / f"barnum-{hashlib.sha256(str(d.resolve()).encode()).hexdigest()[:12]}"
+    for data in (d / ".barnum" / "pgdata", fallback / "pgdata"):
+        _stop_postmaster(data)
+    shutil.rmtree(fallback, ignore_errors=True)
+
+
+def _stop_postmaster(data: Path) -> None:
+    """A PostgreSQL a killed `barnum dev` left running in ``data``: stop it
+    (SIGQUIT, immediate shutdown) and wait for it to go."""
+    try:
+        pid = int((data / "postmaster.pid").read_text().split("\n", 1)[0])
+        os.kill(pid, signal.SIGQUIT)
+    except (OSError, ValueError):
+        return
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return
+        time.sleep(0.05)  # wait-ok: polling a process's exit with a deadline
 
 
 def test_dev_prints_the_message_and_its_link_confirms(project: Path) -> None:
