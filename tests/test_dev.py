@@ -27,6 +27,7 @@ import psycopg
 import pytest
 
 from listener.dev import phone_view, reissued, render_message
+from tests.helpers import wait_until
 from tests.pgcluster import free_port
 
 BARNUM = str(Path(sys.executable).parent / "barnum")
@@ -42,14 +43,6 @@ def pg_port(dsn: str) -> int:
     return int(m.group(1))
 
 
-def wait_until(check: object, timeout: float = 30.0) -> None:
-    assert callable(check)
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not met before the deadline"
-        time.sleep(0.1)  # poll interval of a deadline-bounded wait
-
-
 def relay_started(dsn: str) -> None:
     """The relay (and with it the handling of Ctrl-C) starts just after the
     banner; its first connection shows it is up."""
@@ -59,7 +52,7 @@ def relay_started(dsn: str) -> None:
                 "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'barnum-relay'").fetchone()
         return row is not None and row[0] > 0
 
-    wait_until(connected)
+    wait_until(connected, timeout=30)
 
 
 def print_url(cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -194,7 +187,7 @@ def test_dev_reuses_its_data_and_reset_starts_over(project: Path) -> None:
                 row = conn.execute("SELECT status FROM barnum.whatsapp_workflows").fetchone()
             return row == ("sent",)
 
-        wait_until(delivered)
+        wait_until(delivered, timeout=30)
         assert first.interrupt() == 0
     finally:
         first.kill()
@@ -273,7 +266,7 @@ def test_dev_whatsapp_closes_the_loop_without_n8n(project: Path) -> None:
                 return conn.execute("SELECT direction FROM barnum.messages WHERE wa_message_id = %s",
                                     (wamid,)).fetchone() == ("outbound",)
 
-        wait_until(recorded)
+        wait_until(recorded, timeout=30)
         with psycopg.connect(dsn) as conn:
             assert conn.execute("SELECT status::text FROM barnum.appointments").fetchone() == ("scheduled",)
 
@@ -285,7 +278,7 @@ def test_dev_whatsapp_closes_the_loop_without_n8n(project: Path) -> None:
             with psycopg.connect(dsn) as conn:
                 return conn.execute("SELECT status::text FROM barnum.appointments").fetchone() == ("confirmed",)
 
-        wait_until(confirmed)
+        wait_until(confirmed, timeout=30)
         dev.wait_for(re.compile(r"tapped “Confirmar” on \+351912345678 → POST /whatsapp/webhook: 200"))
         # The confirmation goes out as a WhatsApp text, printed too.
         dev.wait_for(re.compile(r"\[text\]\n\s+Obrigado, João! [^\n]* está confirmada\."))
