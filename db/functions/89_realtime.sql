@@ -15,9 +15,15 @@
 
 -- Is any shim watching a conversation now (registered by realtime_listening)?
 -- With nobody watching, nothing is NOTIFYed: NOTIFY serialises commits.
+-- PL/pgSQL: called for every message row, and a SQL function with a
+-- sub-select would be planned again on each call.
 CREATE OR REPLACE FUNCTION barnum.realtime_watched() RETURNS boolean
-LANGUAGE sql STABLE
-AS $$ SELECT EXISTS (SELECT 1 FROM barnum.realtime_listeners WHERE until > now()) $$;
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    RETURN EXISTS (SELECT 1 FROM barnum.realtime_listeners WHERE until > now());
+END
+$$;
 
 CREATE OR REPLACE FUNCTION barnum.realtime_notify_message() RETURNS trigger
 LANGUAGE plpgsql
