@@ -191,17 +191,28 @@ LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = barnum, pg_temp
 AS $$
 DECLARE
+    v_now timestamptz := barnum.clock();
+    reason text;
     wf uuid;
 BEGIN
     -- An appointment recorded after the fact (data import) asks nothing.
-    IF NEW.starts_at <= barnum.clock() THEN
+    IF NEW.starts_at <= v_now THEN
         RETURN NULL;
     END IF;
-    wf := barnum.open_workflow('pre_confirmation', NEW.id, NEW.patient_id,
-                               jsonb_build_object('starts_at', NEW.starts_at), NEW.starts_at);
-    IF wf IS NOT NULL THEN
-        PERFORM barnum.emit_event('appointment.pre_confirmed', 'appointment', NEW.id, wf, barnum.clock());
+    -- open_workflow's rules, written out for the hottest path: a brand-new
+    -- appointment cannot have an open workflow yet, so a plain INSERT does
+    -- (no ON CONFLICT arbiter, a speculative insertion per booking).
+    reason := barnum.patient_block_reason(NEW.patient_id);
+    IF reason IS NOT NULL THEN
+        INSERT INTO barnum.whatsapp_workflows (workflow_type, appointment_id, patient_id, status, metadata)
+        VALUES ('pre_confirmation', NEW.id, NEW.patient_id, 'cancelled',
+                jsonb_build_object('starts_at', NEW.starts_at, 'reason', reason));
+        RETURN NULL;
     END IF;
+    INSERT INTO barnum.whatsapp_workflows (workflow_type, appointment_id, patient_id, metadata, expires_at)
+    VALUES ('pre_confirmation', NEW.id, NEW.patient_id, jsonb_build_object('starts_at', NEW.starts_at), NEW.starts_at)
+    RETURNING id INTO wf;
+    PERFORM barnum.emit_event('appointment.pre_confirmed', 'appointment', NEW.id, wf, v_now);
     RETURN NULL;
 END
 $$;
