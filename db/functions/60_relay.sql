@@ -102,7 +102,9 @@ BEGIN
     v_ttl := barnum.setting_interval('token_ttl');
     v_max := barnum.setting_int('max_attempts');
 
-    WITH src AS (
+    -- MATERIALIZED: inlined, the reason's CASE (with its lookups) was
+    -- evaluated again for every column of the UPDATE that reads it.
+    WITH src AS MATERIALIZED (
         SELECT d.id,
                -- Why it must not go out (NULL: send it).  Written inline: as a
                -- function called per row it doubled the claim's cost.
@@ -286,6 +288,9 @@ $$;
 CREATE OR REPLACE FUNCTION barnum.record_attempts(p_results jsonb) RETURNS int
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = barnum, pg_temp
+-- A custom plan per call (the planner's default for a jsonb parameter) cost
+-- more than the statement itself for a small batch.
+SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     v_now timestamptz := barnum.clock();
