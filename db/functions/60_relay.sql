@@ -239,24 +239,31 @@ CREATE OR REPLACE FUNCTION barnum.claim_deliveries_text(
     p_worker text, p_limit int DEFAULT 50, p_lease interval DEFAULT '60 seconds')
 RETURNS TABLE (delivery_id bigint, event_id uuid, event_type text, endpoint_id uuid, url text,
                secret text, attempt int, timeout_ms int, payload text, idempotency_key text)
-LANGUAGE sql SECURITY DEFINER
+LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = barnum, pg_temp
 AS $$
+BEGIN
+    RETURN QUERY
     SELECT c.delivery_id, c.event_id, c.event_type, c.endpoint_id, c.url, c.secret, c.attempt,
            c.timeout_ms, c.payload, c.idempotency_key
-      FROM barnum.claim_batch(p_worker, p_limit, p_lease, '{webhook}') c
+      FROM barnum.claim_batch(p_worker, p_limit, p_lease, '{webhook}') c;
+END
 $$;
 
 -- v2: every endpoint kind, and the kind with each row (whatsapp_cloud rows
--- go to the Graph API with a bearer token, not signed).
+-- go to the Graph API with a bearer token, not signed).  The wrappers are
+-- PL/pgSQL for their cached plan: as SQL functions the SQL-function
+-- executor planned their SELECT again on every claim.
 CREATE OR REPLACE FUNCTION barnum.claim_deliveries_v2(
     p_worker text, p_limit int DEFAULT 50, p_lease interval DEFAULT '60 seconds')
 RETURNS TABLE (delivery_id bigint, event_id uuid, event_type text, endpoint_id uuid, url text,
                secret text, attempt int, timeout_ms int, payload text, idempotency_key text, kind text)
-LANGUAGE sql SECURITY DEFINER
+LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = barnum, pg_temp
 AS $$
-    SELECT * FROM barnum.claim_batch(p_worker, p_limit, p_lease, '{webhook,whatsapp_cloud}')
+BEGIN
+    RETURN QUERY SELECT * FROM barnum.claim_batch(p_worker, p_limit, p_lease, '{webhook,whatsapp_cloud}');
+END
 $$;
 
 -- The contract's claim_deliveries: the v1 rows, payload as jsonb.
