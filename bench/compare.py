@@ -5,6 +5,9 @@ and the seed's cron design, plus an HTTP-only and a database-only ceiling.
     .venv/bin/python bench/compare.py --rounds 1 --events 5000 --no-record   # quick look
     .venv/bin/python bench/compare.py --systems barnum,pgqueuer --skip-latency
 
+pgqueuer is not a dependency of Barnum: ``.venv/bin/pip install 'pgqueuer==1.6.*'``
+first (the runs recorded in bench/RESULTS.md used 1.6.0).
+
 The job: rows queued in PostgreSQL; a worker POSTs each as signed JSON
 (``X-Webhook-Signature`` = hex HMAC-SHA256 of the body, ``X-Event-Id``) to
 one shared loopback receiver (uvicorn + uvloop + httptools, its own process,
@@ -542,10 +545,18 @@ def main() -> int:
 
     command = " ".join([".venv/bin/python bench/compare.py", *sys.argv[1:]])
     systems = [s for s in args.systems.split(",") if s]
+    if any(s.startswith("pgqueuer") for s in systems):
+        try:
+            md.version("pgqueuer")
+        except md.PackageNotFoundError:
+            print("compare.py: pgqueuer is not installed: .venv/bin/pip install 'pgqueuer==1.6.*' "
+                  "(or leave it out: --systems http,db,barnum,cron)", file=sys.stderr)
+            return 2
     work = C.workdir("compare")
     print("waiting for a quiet box…", C.wait_quiet(), flush=True)
     db = C.Database()
-    env_versions = {k: md.version(k) for k in ("pgqueuer", "aiohttp", "httpx", "asyncpg", "psycopg", "uvicorn")}
+    env_versions = {k: md.version(k) for k in ("pgqueuer", "aiohttp", "httpx", "asyncpg", "psycopg", "uvicorn")
+                    if k != "pgqueuer" or any(s.startswith("pgqueuer") for s in systems)}
     tp: dict[str, list[dict[str, Any]]] = {}
     lat: dict[str, list[dict[str, Any]]] = {}
     try:

@@ -145,32 +145,11 @@ DROP TRIGGER trg_events_fanout ON barnum.whatsapp_events;
 """,
 }
 VARIANTS["lean"] = VARIANTS["no-set-path"] + VARIANTS["inline-fanout"]
-# Issue 17: emit_event in PL/pgSQL — as a LANGUAGE sql function with an
-# INSERT it is never inlined, so the SQL-function executor plans its INSERT
-# again in every transaction.
-VARIANTS["emit-plpgsql"] = """
-CREATE OR REPLACE FUNCTION barnum.emit_event(
-    p_event_type text, p_entity_type text, p_entity_id uuid,
-    p_workflow_id uuid, p_scheduled_for timestamptz)
-RETURNS uuid
-LANGUAGE plpgsql
-AS $$
-DECLARE
-    v_id uuid;
-BEGIN
-    INSERT INTO barnum.whatsapp_events (event_type, entity_type, entity_id, workflow_id, scheduled_for, max_retries)
-    VALUES (p_event_type, p_entity_type, p_entity_id, p_workflow_id,
-            coalesce(p_scheduled_for, barnum.clock()), barnum.setting_int('max_attempts') - 1)
-    RETURNING id INTO v_id;
-    RETURN v_id;
-END
-$$;
-"""
 # Issue 17, upper bounds (not proposals as they stand): what the foreign-key
 # checks of the booking's own rows cost.  Each check locks the parent row
 # FOR KEY SHARE: a WAL record per check, and on a row every booking shares
 # (the account, the endpoint) a new MultiXact whenever two bookings overlap.
-VARIANTS["no-hot-fk"] = VARIANTS["emit-plpgsql"] + """
+VARIANTS["no-hot-fk"] = """
 ALTER TABLE barnum.whatsapp_events DROP CONSTRAINT whatsapp_events_account_id_fkey;
 ALTER TABLE barnum.webhook_deliveries DROP CONSTRAINT webhook_deliveries_endpoint_id_fkey;
 """
@@ -180,40 +159,10 @@ ALTER TABLE barnum.whatsapp_workflows DROP CONSTRAINT whatsapp_workflows_patient
 ALTER TABLE barnum.whatsapp_events DROP CONSTRAINT whatsapp_events_workflow_id_fkey;
 ALTER TABLE barnum.webhook_deliveries DROP CONSTRAINT webhook_deliveries_event_id_fkey;
 """
-# Issue 17: the insert trigger writes its workflow with a plain INSERT (a
-# brand-new appointment cannot have an open workflow yet, so the ON CONFLICT
-# arbiter — a speculative insertion — buys nothing) and its event directly.
-VARIANTS["one-trigger"] = VARIANTS["emit-plpgsql"] + """
-CREATE OR REPLACE FUNCTION barnum.pre_confirmation_trg() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = barnum, pg_temp
-AS $$
-DECLARE
-    v_now timestamptz := barnum.clock();
-    reason text;
-    wf uuid;
-BEGIN
-    IF NEW.starts_at <= v_now THEN
-        RETURN NULL;
-    END IF;
-    reason := barnum.patient_block_reason(NEW.patient_id);
-    INSERT INTO barnum.whatsapp_workflows (workflow_type, appointment_id, patient_id, status, metadata, expires_at)
-    VALUES ('pre_confirmation', NEW.id, NEW.patient_id, CASE WHEN reason IS NULL THEN 'pending' ELSE 'cancelled' END,
-            CASE WHEN reason IS NULL THEN jsonb_build_object('starts_at', NEW.starts_at)
-                 ELSE jsonb_build_object('starts_at', NEW.starts_at, 'reason', reason) END,
-            NEW.starts_at)
-    RETURNING id INTO wf;
-    IF reason IS NULL THEN
-        INSERT INTO barnum.whatsapp_events (event_type, entity_type, entity_id, workflow_id, scheduled_for, max_retries)
-        VALUES ('appointment.pre_confirmed', 'appointment', NEW.id, wf, v_now, barnum.setting_int('max_attempts') - 1);
-    END IF;
-    RETURN NULL;
-END
-$$;
-"""
-# (The trial variants "pbr-plpgsql" and "leaner" = lean + PL/pgSQL
-# patient_block_reason, measured in the first session, are gone: that
-# function is PL/pgSQL in db/functions/20_appointments.sql now.)
+# (Issue 17's trial variants "emit-plpgsql" — emit_event in PL/pgSQL — and
+# "one-trigger" — the insert trigger's workflow without an ON CONFLICT
+# arbiter — measured ahead of the old code and are the code in db/functions
+# now, so the no-FK variants above apply on top of them, as measured.)
 
 
 class Listener(threading.Thread):
