@@ -14,7 +14,9 @@
 (2) Latency: one appointment per transaction at ``--rate``/s for
     ``--duration`` s while the relay runs; latency = receipt time at the
     receiver − wall time right after the producer's COMMIT returned, per
-    event → p50/p95/p99/max.
+    event → p50/p95/p99/max; and split into commit → claim transaction
+    starts (its tokens' created_at) → POST starts (from the audit row) →
+    receipt, to see which stage a tail comes from.
 
 PostgreSQL: ``BENCH_DATABASE_URL`` (a server we may create databases on), or
 a private cluster from local binaries (``tests.pgcluster.LocalCluster``)
@@ -258,6 +260,18 @@ def latency_run(db: Database, rx: Receiver, args: argparse.Namespace, workdir: P
             stop_relay(proc)
         mapping: dict[str, str] = {str(a): str(b) for a, b in conn.execute(
             "SELECT id::text, entity_id::text FROM barnum.whatsapp_events").fetchall()}
+        # Where each event's time went: its first claim's transaction start
+        # (now() of the claim = its tokens' created_at) and its first POST's
+        # start (record_attempts writes started_at = record time − duration).
+        marks: dict[str, tuple[float, float]] = {
+            str(e): (float(c), float(s)) for e, c, s in conn.execute(
+                """SELECT e.id::text,
+                          extract(epoch FROM (SELECT min(t.created_at) FROM barnum.whatsapp_action_tokens t
+                                               WHERE t.appointment_id = e.entity_id)),
+                          extract(epoch FROM (SELECT min(a.started_at) FROM barnum.webhook_attempts a
+                                                JOIN barnum.webhook_deliveries d ON d.id = a.delivery_id
+                                               WHERE d.event_id = e.id))
+                     FROM barnum.whatsapp_events e""").fetchall() if c is not None and s is not None}
     stats = get_json(base + "/stats")
     received: dict[str, float] = {}
     for event_id, t in stats["hits"]:
@@ -266,12 +280,22 @@ def latency_run(db: Database, rx: Receiver, args: argparse.Namespace, workdir: P
                  if e in mapping and mapping[e] in commits)
     if len(lat) < n:
         print(f"warning: {n - len(lat)} of {n} events not received", file=sys.stderr)
+    split: dict[str, list[float]] = {"commit → claim starts": [], "claim starts → POST starts": [],
+                                     "POST starts → receipt": []}
+    for e, t in received.items():
+        if e in mapping and mapping[e] in commits and e in marks:
+            claim0, post0 = marks[e]
+            split["commit → claim starts"].append((claim0 - commits[mapping[e]]) * 1000.0)
+            split["claim starts → POST starts"].append((post0 - claim0) * 1000.0)
+            split["POST starts → receipt"].append((t - post0) * 1000.0)
 
-    def pct(p: float) -> float:
-        return lat[min(len(lat) - 1, int(round(p / 100.0 * (len(lat) - 1))))]
+    def pct(values: list[float], p: float) -> float:
+        values = sorted(values)
+        return values[min(len(values) - 1, int(round(p / 100.0 * (len(values) - 1))))] if values else float("nan")
 
-    return {"events": float(len(lat)), "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99),
-            "max_ms": lat[-1], "mean_ms": statistics.fmean(lat), "load": load0}
+    return {"events": float(len(lat)), "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95), "p99_ms": pct(lat, 99),
+            "max_ms": lat[-1], "mean_ms": statistics.fmean(lat), "load": load0,
+            "split": {k: (pct(v, 50), pct(v, 95), pct(v, 99)) for k, v in split.items()}}
 
 
 # ------------------------------------------------------------------ main
@@ -317,6 +341,8 @@ def main() -> int:
                 print(f"latency: {r['events']:.0f} events at {args.rate:g}/s: p50 {r['p50_ms']:.2f} ms, "
                       f"p95 {r['p95_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, max {r['max_ms']:.2f} ms",
                       flush=True)
+                for stage, (p50, p95, p99) in r["split"].items():
+                    print(f"   {stage:28} p50 {p50:6.2f}  p95 {p95:6.2f}  p99 {p99:6.2f} ms", flush=True)
                 results["latency"] = r
     finally:
         db.close()
@@ -356,6 +382,10 @@ def record(command: str, args: argparse.Namespace, db: Database, results: dict[s
         lines.append(f"| latency, {r['events']:.0f} events at {args.rate:g}/s, one per transaction | "
                      f"**p50 {r['p50_ms']:.2f} ms, p95 {r['p95_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms** "
                      f"(max {r['max_ms']:.2f} ms; load average before: {r['load']}) |")
+        for stage, (p50, p95, p99) in r["split"].items():
+            lines.append(f"| … {stage} (p50 / p95 / p99) | {p50:.2f} / {p95:.2f} / {p99:.2f} ms |")
+        lines.append("| … (claim starts = the claim transaction's now(), its tokens' created_at; POST starts = "
+                     "record time − duration, so a record made late adds its delay to the middle stage and takes it from the last) | |")
     path = ROOT / "bench" / "RESULTS.md"
     if not path.exists():
         path.write_text("# Relay benchmark results\n\nAppended by `bench/relay.py` "
