@@ -199,16 +199,16 @@ BEGIN
     IF NEW.starts_at <= v_now THEN
         RETURN NULL;
     END IF;
-    -- open_workflow's rules, written out for the hottest path: a brand-new
-    -- appointment cannot have an open workflow yet, so a plain INSERT does
-    -- (no ON CONFLICT arbiter, a speculative insertion per booking).
+    -- An unreachable patient (rare): open_workflow records why.
     reason := barnum.patient_block_reason(NEW.patient_id);
     IF reason IS NOT NULL THEN
-        INSERT INTO barnum.whatsapp_workflows (workflow_type, appointment_id, patient_id, status, metadata)
-        VALUES ('pre_confirmation', NEW.id, NEW.patient_id, 'cancelled',
-                jsonb_build_object('starts_at', NEW.starts_at, 'reason', reason));
+        PERFORM barnum.open_workflow('pre_confirmation', NEW.id, NEW.patient_id,
+                                     jsonb_build_object('starts_at', NEW.starts_at), NEW.starts_at);
         RETURN NULL;
     END IF;
+    -- The hot path: a brand-new appointment cannot have an open workflow
+    -- yet, so a plain INSERT does (open_workflow's ON CONFLICT arbiter is a
+    -- speculative insertion per booking).
     INSERT INTO barnum.whatsapp_workflows (workflow_type, appointment_id, patient_id, metadata, expires_at)
     VALUES ('pre_confirmation', NEW.id, NEW.patient_id, jsonb_build_object('starts_at', NEW.starts_at), NEW.starts_at)
     RETURNING id INTO wf;
