@@ -739,6 +739,14 @@ class Relay:
                 claimed = await self.deliverer.drain()
                 if self.stopping:
                     break
+                if claimed and self._wake.is_set():
+                    # Woken while claiming (a one-row claim keeps us
+                    # registered, so the next event's NOTIFY arrives during
+                    # it; or a retry was recorded): claim again at once.
+                    # relay_idle first would put its round trip before that
+                    # event.  Every way to sleep still passes relay_idle.
+                    settled = False
+                    continue
                 # Requests may still be in flight (a slow receiver): they
                 # finish in the background.  A failure among them wakes this
                 # loop once recorded (on_recorded), so the timer sees the

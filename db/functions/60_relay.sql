@@ -86,8 +86,14 @@ BEGIN
         RETURN;
     END IF;
 
-    -- Claiming means this relay is busy: producers need not wake it.
-    DELETE FROM barnum.relay_waiters WHERE worker = p_worker;
+    -- Claiming several rows means events come faster than one a claim: the
+    -- relay stays busy and producers need not wake it.  A one-row claim
+    -- keeps the registration, so the next event's NOTIFY reaches the relay
+    -- while it is still claiming or posting (sparse traffic, where latency
+    -- counts and a NOTIFY costs nothing).
+    IF cardinality(ids) > 1 THEN
+        DELETE FROM barnum.relay_waiters WHERE worker = p_worker;
+    END IF;
 
     -- The lost attempt of a dead worker is written to the audit trail.
     IF cardinality(expired) > 0 THEN
@@ -587,10 +593,14 @@ $$;
 -- (for an active endpoint — else the relay's timer would spin on work it may
 -- not claim) or a lease's expiry.  NULL when there is nothing to do.
 CREATE OR REPLACE FUNCTION barnum.next_due_at() RETURNS timestamptz
-LANGUAGE sql STABLE SECURITY DEFINER
+LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = barnum, pg_temp
 AS $$
-    SELECT least(
+BEGIN
+    -- PL/pgSQL for its cached plan: a SQL function with a pinned search_path
+    -- is never inlined and planned its query on every call (relay_idle runs
+    -- once per sparse event).
+    RETURN least(
         -- The head of each active endpoint's queue (one index probe each).
         (SELECT min(q.next_attempt_at) FROM barnum.webhook_endpoints ep
           CROSS JOIN LATERAL (
@@ -598,7 +608,8 @@ AS $$
               WHERE d.endpoint_id = ep.id AND d.status = 'pending'
               ORDER BY d.next_attempt_at LIMIT 1) q
           WHERE ep.is_active),
-        (SELECT min(locked_until) FROM barnum.webhook_deliveries WHERE status = 'processing'))
+        (SELECT min(locked_until) FROM barnum.webhook_deliveries WHERE status = 'processing'));
+END
 $$;
 
 -- Re-queue deliveries (dead letters) with a fresh attempt budget; a failed

@@ -2,7 +2,7 @@
 -- the registration.  Whether a NOTIFY is sent is visible only after commit,
 -- so tests/test_wakeups.py checks that part.
 BEGIN;
-SELECT plan(11);
+SELECT plan(13);
 
 SELECT has_table('barnum', 'relay_waiters', 'relay_waiters exists');
 SELECT is((SELECT relpersistence FROM pg_class WHERE oid = 'barnum.relay_waiters'::regclass),
@@ -26,8 +26,16 @@ INSERT INTO barnum.appointments (patient_id, starts_at)
 VALUES ('45000000-0000-0000-0000-000000000001', now() + interval '3 days');
 SELECT is((SELECT count(*)::int FROM barnum.claim_deliveries_text('w1', 10, '60 seconds')), 1,
           'the claim returns the due delivery');
+SELECT ok(EXISTS (SELECT 1 FROM barnum.relay_waiters WHERE worker = 'w1'),
+          'a one-row claim keeps the registration (sparse traffic: the next event''s NOTIFY wakes the relay at once)');
+
+INSERT INTO barnum.appointments (patient_id, starts_at)
+SELECT '45000000-0000-0000-0000-000000000001', now() + interval '4 days' + g * interval '1 hour'
+  FROM generate_series(1, 2) g;
+SELECT is((SELECT count(*)::int FROM barnum.claim_deliveries_text('w1', 10, '60 seconds')), 2,
+          'the claim returns both due deliveries');
 SELECT ok(NOT EXISTS (SELECT 1 FROM barnum.relay_waiters WHERE worker = 'w1'),
-          'a claim that returns work means busy: the registration is gone');
+          'a claim of several rows means busy: the registration is gone (producers send no NOTIFY)');
 
 SELECT barnum.relay_idle('w2');
 SELECT barnum.release_deliveries('w2');
