@@ -228,6 +228,8 @@ class Deliverer:
         self._recorder: asyncio.Task[None] | None = None
         #: Called after outcomes with failures were recorded (new due times).
         self.on_recorded: Callable[[], None] | None = None
+        #: Claims that returned several rows (each ends a waiter registration).
+        self.multi_row_claims = 0
 
     def stop(self) -> None:
         """Claim no more (shutdown); a claim loop waiting for room returns."""
@@ -271,6 +273,9 @@ class Deliverer:
     async def claim(self, limit: int | None = None) -> list[ClaimedRow]:
         rows = await store.claim(self.pool, self.worker, limit or self.batch, self.lease, timeout=DB_TIMEOUT)
         self.stats.claimed += len(rows)
+        if len(rows) > 1:
+            # claim_batch dropped this worker's waiter registration.
+            self.multi_row_claims += 1
         return rows
 
     def _start(self, rows: list[ClaimedRow]) -> None:
@@ -733,6 +738,12 @@ class Relay:
         # False until we have looked once more after registering as waiting
         # (see below); the first registration needs that look too.
         settled = False
+        due: datetime | None = None
+        # When relay_idle last registered us, and multi_row_claims then: a
+        # claim returning several rows ends the registration, one returning
+        # one row or none keeps it (claim_batch).
+        registered_at: float | None = None
+        registered_mark = 0
         while not self.stopping:
             self._wake.clear()
             try:
@@ -740,20 +751,35 @@ class Relay:
                 if self.stopping:
                     break
                 if claimed and self._wake.is_set():
-                    # Woken while claiming (a one-row claim keeps us
-                    # registered, so the next event's NOTIFY arrives during
-                    # it; or a retry was recorded): claim again at once.
-                    # relay_idle first would put its round trip before that
-                    # event.  Every way to sleep still passes relay_idle.
+                    # Woken while claiming (the next event's NOTIFY, or a
+                    # retry was recorded): claim again at once — relay_idle
+                    # first would put its round trip before that event.
                     settled = False
                     continue
-                # Requests may still be in flight (a slow receiver): they
-                # finish in the background.  A failure among them wakes this
-                # loop once recorded (on_recorded), so the timer sees the
-                # retry's new due time.
-                # Going idle: register as waiting, so producers NOTIFY us
-                # (they do not while every relay is busy), and get the timer.
-                due = await store.relay_idle(self.pool, self.worker, self._waiter_ttl, timeout=DB_TIMEOUT)
+                still_registered = (
+                    registered_at is not None and registered_mark == self.deliverer.multi_row_claims
+                    and time.monotonic() - registered_at < self._waiter_ttl.total_seconds() / 2)
+                if claimed and still_registered:
+                    # Sparse traffic: one event, one one-row claim.  We are
+                    # still registered, so producers NOTIFY us, and the timer
+                    # stands (delayed work queued since then notified us too)
+                    # — no relay_idle round trip per event.
+                    if due is not None and self._delay_until(due) == BUSY_RETRY:
+                        due = None
+                else:
+                    # Requests may still be in flight (a slow receiver): they
+                    # finish in the background.  A failure among them wakes
+                    # this loop once recorded (on_recorded), so the timer sees
+                    # the retry's new due time.
+                    # Going idle: register as waiting, so producers NOTIFY us
+                    # (they do not while every relay is busy), and get the timer.
+                    mark = self.deliverer.multi_row_claims
+                    due = await store.relay_idle(self.pool, self.worker, self._waiter_ttl, timeout=DB_TIMEOUT)
+                    registered_at, registered_mark = time.monotonic(), mark
+                    if claimed:
+                        # A claim may have deregistered us: this registration
+                        # needs its own look after it.
+                        settled = False
                 if failures:
                     logs.log(log, logging.INFO, "database reachable again", worker=self.worker)
                 failures = 0
@@ -766,10 +792,6 @@ class Relay:
                 await self._sleep(_backoff(failures))
                 continue
             delay = self._delay_until(due)
-            if claimed:
-                # A claim deregisters us: this round's relay_idle registered
-                # again, and that registration needs its own look after it.
-                settled = False
             if delay == BUSY_RETRY and claimed:
                 # Work arrived between our last claim and going idle (it sent
                 # no NOTIFY: we were not registered yet).  Claim it now; the

@@ -289,6 +289,48 @@ def test_delayed_event_goes_out_at_its_due_time_via_the_timer(
     assert relay.proc.poll() is None
 
 
+def test_sparse_events_are_each_woken_and_the_timer_survives_them(
+        db_conn: Conn, receiver: Receiver, start_relay: Callable[..., RelayProcess]) -> None:
+    # Sparse traffic: each event is one one-row claim, after which the relay
+    # keeps its waiter registration and its timer without calling relay_idle.
+    # Each event must still be woken by its own NOTIFY (the sweep is an hour
+    # away), and a delayed event armed before them must go out on time.
+    set_setting(db_conn, "no_show_delay", "3 seconds")
+    add_endpoint(db_conn, "hooks", receiver.url("/hooks"))
+    relay = start_relay("--sweep-interval", "3600")
+    patient = add_patient(db_conn)
+    add_appointments(db_conn, 1, patient)
+    wait_until(lambda: all_sent(db_conn, 1), message="a first delivery: the relay is idle now")
+    with db_conn.transaction():
+        appt = db_conn.execute(
+            "INSERT INTO barnum.appointments (patient_id, starts_at) VALUES (%s, now() + interval '1 day') "
+            "RETURNING id", (patient,)).fetchone()
+        assert appt is not None
+        db_conn.execute("UPDATE barnum.appointments SET status = 'no_show' WHERE id = %s", (appt[0],))
+    row = db_conn.execute("SELECT id::text, extract(epoch FROM scheduled_for)::float8 FROM barnum.whatsapp_events "
+                          "WHERE event_type = 'appointment.no_show'").fetchone()
+    assert row is not None
+    no_show_id, due = row
+    wait_until(lambda: db_conn.execute(
+        "SELECT count(*) FROM barnum.webhook_deliveries WHERE status = 'skipped'").fetchone() == (1,),
+        message="the relay woke for the skipped pre-confirmation and armed its timer")
+    sparse: list[str] = []
+    for n in range(4):
+        t0 = time.time()
+        [event_id] = add_appointments(db_conn, 1, patient)
+        sparse.append(event_id)
+        wait_until(lambda: receiver.count() == 2 + n, timeout=5, message=f"sparse event {n + 1} woken by NOTIFY")
+        hit = receiver.snapshot()[-1]
+        assert hit.event_id == event_id
+        assert hit.received_at - t0 < 2.0, hit.received_at - t0
+    assert time.time() < due, "the sparse events went out before the delayed one was due"
+    wait_until(lambda: receiver.count() == 6, timeout=8, message="the delayed no-show event")
+    hit = receiver.snapshot()[-1]
+    assert hit.event_id == no_show_id and hit.event_type == "appointment.no_show"
+    assert due - 0.05 <= hit.received_at <= due + 2.5, (hit.received_at - due)
+    assert relay.proc.poll() is None
+
+
 # ---------------------------------------------------------------- retries
 
 

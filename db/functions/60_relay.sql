@@ -86,15 +86,6 @@ BEGIN
         RETURN;
     END IF;
 
-    -- Claiming several rows means events come faster than one a claim: the
-    -- relay stays busy and producers need not wake it.  A one-row claim
-    -- keeps the registration, so the next event's NOTIFY reaches the relay
-    -- while it is still claiming or posting (sparse traffic, where latency
-    -- counts and a NOTIFY costs nothing).
-    IF cardinality(ids) > 1 THEN
-        DELETE FROM barnum.relay_waiters WHERE worker = p_worker;
-    END IF;
-
     -- The lost attempt of a dead worker is written to the audit trail.
     IF cardinality(expired) > 0 THEN
         INSERT INTO barnum.webhook_attempts (delivery_id, attempt, started_at, error)
@@ -186,6 +177,15 @@ BEGIN
     END IF;
     IF c_ids IS NULL THEN
         RETURN;
+    END IF;
+    -- Returning several rows means events come faster than one a claim: the
+    -- relay stays busy and producers need not wake it.  A claim returning
+    -- one row keeps the registration, so the next event's NOTIFY reaches the
+    -- relay while it is still claiming or posting (sparse traffic, where
+    -- latency counts and a NOTIFY costs nothing).  Counted on the rows
+    -- returned, so the relay knows whether it is still registered.
+    IF cardinality(c_ids) > 1 THEN
+        DELETE FROM barnum.relay_waiters WHERE worker = p_worker;
     END IF;
 
     -- Every token of the batch in one INSERT; the plain token only travels
