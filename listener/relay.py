@@ -255,9 +255,11 @@ class Deliverer:
             if len(rows) < limit:
                 if len(rows) <= 1:
                     # The queue is empty and traffic sparse: go idle now.
-                    # relay_idle registers us and reports anything that
-                    # arrived since this claim, so an empty claim here
-                    # would only lengthen the cycle a new event waits for.
+                    # A one-row claim kept our registration, so the next
+                    # event's NOTIFY wakes us; after a claim of several rows
+                    # relay_idle registers us again and reports anything
+                    # that arrived since.  An empty claim here would only
+                    # lengthen the cycle a new event waits for.
                     break
                 # Events are arriving faster than one per claim.  Stay busy
                 # (unregistered: producers send no NOTIFY) while our
