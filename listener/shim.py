@@ -200,8 +200,15 @@ class _Shim:
         if self.pool is None:
             raise asyncpg.InterfaceError("the database pool is not open")
         kwargs.setdefault("timeout", QUERY_TIMEOUT)
-        async with self.pool.acquire(timeout=ACQUIRE_TIMEOUT) as con:
+        # asyncio.timeout rather than acquire(timeout=…): asyncpg runs a
+        # timed acquire through asyncio.wait_for, a task of its own per
+        # request (5–15 µs of CPU a call, measured with 16 in flight).
+        async with asyncio.timeout(ACQUIRE_TIMEOUT):
+            con = await self.pool.acquire()
+        try:
             return await call(con, *args, **kwargs)
+        finally:
+            await self.pool.release(con)
 
     def learn_locale(self, value: object) -> str:
         if isinstance(value, str) and value:
