@@ -256,17 +256,19 @@ def test_notify_wakes_the_relay_without_a_sweep(db_conn: Conn, receiver: Receive
     assert_log_hygiene(relay.stderr, body["appointment"]["patient"]["phone"])
 
 
-def test_delayed_event_goes_out_at_its_due_time_via_the_timer(
-        db_conn: Conn, receiver: Receiver, start_relay: Callable[..., RelayProcess]) -> None:
-    set_setting(db_conn, "no_show_delay", "2 seconds")
+def idle_relay_with_a_no_show_queued(db_conn: Conn, receiver: Receiver, start_relay: Callable[..., RelayProcess],
+                                     delay: str) -> tuple[RelayProcess, str, str, float]:
+    """A relay (no sweep for an hour) idle after a first delivery, then a
+    no-show event due ``delay`` from now: (relay, patient, its event id, due)."""
+    set_setting(db_conn, "no_show_delay", delay)
     add_endpoint(db_conn, "hooks", receiver.url("/hooks"))
     relay = start_relay("--sweep-interval", "3600")
     patient = add_patient(db_conn)
     add_appointments(db_conn, 1, patient)
     wait_until(lambda: all_sent(db_conn, 1), message="a first delivery: the relay is idle now")
     # One transaction: an appointment (its pre_confirmed event is due now,
-    # so the commit notifies) turns into a no-show, whose event is due in
-    # 2 s and notifies nobody.  The relay wakes for the first, skips it (the
+    # so the commit notifies) turns into a no-show, whose event is due later
+    # and notifies nobody.  The relay wakes for the first, skips it (the
     # appointment is no longer live), and arms its timer at next_due_at();
     # with the sweep an hour away only that timer can send the no-show.
     with db_conn.transaction():
@@ -279,7 +281,12 @@ def test_delayed_event_goes_out_at_its_due_time_via_the_timer(
         "SELECT id::text, extract(epoch FROM scheduled_for)::float8 FROM barnum.whatsapp_events "
         "WHERE event_type = 'appointment.no_show'").fetchone()
     assert row is not None
-    event_id, due = row
+    return relay, patient, row[0], row[1]
+
+
+def test_delayed_event_goes_out_at_its_due_time_via_the_timer(
+        db_conn: Conn, receiver: Receiver, start_relay: Callable[..., RelayProcess]) -> None:
+    relay, _, event_id, due = idle_relay_with_a_no_show_queued(db_conn, receiver, start_relay, "2 seconds")
     wait_until(lambda: receiver.count() >= 2, timeout=8, message="the delayed no-show event")
     hit = receiver.snapshot()[1]
     assert hit.event_id == event_id and hit.event_type == "appointment.no_show"
@@ -295,22 +302,7 @@ def test_sparse_events_are_each_woken_and_the_timer_survives_them(
     # keeps its waiter registration and its timer without calling relay_idle.
     # Each event must still be woken by its own NOTIFY (the sweep is an hour
     # away), and a delayed event armed before them must go out on time.
-    set_setting(db_conn, "no_show_delay", "3 seconds")
-    add_endpoint(db_conn, "hooks", receiver.url("/hooks"))
-    relay = start_relay("--sweep-interval", "3600")
-    patient = add_patient(db_conn)
-    add_appointments(db_conn, 1, patient)
-    wait_until(lambda: all_sent(db_conn, 1), message="a first delivery: the relay is idle now")
-    with db_conn.transaction():
-        appt = db_conn.execute(
-            "INSERT INTO barnum.appointments (patient_id, starts_at) VALUES (%s, now() + interval '1 day') "
-            "RETURNING id", (patient,)).fetchone()
-        assert appt is not None
-        db_conn.execute("UPDATE barnum.appointments SET status = 'no_show' WHERE id = %s", (appt[0],))
-    row = db_conn.execute("SELECT id::text, extract(epoch FROM scheduled_for)::float8 FROM barnum.whatsapp_events "
-                          "WHERE event_type = 'appointment.no_show'").fetchone()
-    assert row is not None
-    no_show_id, due = row
+    relay, patient, no_show_id, due = idle_relay_with_a_no_show_queued(db_conn, receiver, start_relay, "3 seconds")
     wait_until(lambda: db_conn.execute(
         "SELECT count(*) FROM barnum.webhook_deliveries WHERE status = 'skipped'").fetchone() == (1,),
         message="the relay woke for the skipped pre-confirmation and armed its timer")
