@@ -651,14 +651,19 @@ def run_once(db: Database, scenario: str, args: argparse.Namespace) -> dict[str,
                     if loader.stdout.readline().strip() != "WARM":
                         raise RuntimeError("load generator failed during warm-up")
                     shim_cpu, pg_cpu = process_cpu(shim.pid), db.cpu_seconds()
+                    load_cpu = process_cpu(loader.pid)
                     loader.stdin.write("GO\n")
                     loader.stdin.flush()
                     line = loader.stdout.readline()
                     shim_cpu, pg_cpu = process_cpu(shim.pid) - shim_cpu, sub(db.cpu_seconds(), pg_cpu)
+                    # The load generator shares the box: its CPU says how
+                    # much of the two cores was left for the shim and PostgreSQL.
+                    load_cpu = process_cpu(loader.pid) - load_cpu
                     if loader.wait() != 0 or not line:
                         raise RuntimeError("load generator failed")
                     result: dict[str, Any] = json.loads(line)
                     result["shim_cpu_ms"] = shim_cpu * 1000 / result["requests"]
+                    result["load_cpu_ms"] = load_cpu * 1000 / result["requests"]
                     result["pg_cpu_ms"] = pg_cpu * 1000 / result["requests"] if pg_cpu is not None else None
                 finally:
                     shim.send_signal(signal.SIGTERM)
@@ -695,20 +700,22 @@ def record(command: str, args: argparse.Namespace, db: Database, runs: dict[str,
         f"senders, one active endpoint on message.*. Every answer checked (status and body): 'bad' counts "
         f"the wrong ones. Target ≥ {TARGET_RPS} req/s, p99 ≤ {TARGET_P99_MS:.0f} ms (actions and callbacks); "
         f"≥ {TARGET_RPS} req/s (inbound, issue 14).\n",
-        "\n| scenario | run | req/s | p50 ms | p90 ms | p99 ms | max ms | shim CPU ms/req | PG CPU ms/req "
+        "\n| scenario | run | req/s | p50 ms | p90 ms | p99 ms | max ms | shim CPU ms/req | PG CPU ms/req | load generator CPU ms/req "
         "| statuses | bad | check afterwards | load avg before |",
-        "\n|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---|",
+        "\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---|",
     ]
     for scenario, results in runs.items():
         for i, r in enumerate(results, 1):
             lines.append(
                 f"\n| {scenario} | {i} | {r['rps']:.0f} | {r['p50']:.2f} | {r['p90']:.2f} | {r['p99']:.2f} | "
-                f"{r['max']:.1f} | {r['shim_cpu_ms']:.3f} | {fmt(r['pg_cpu_ms'])} | {r['statuses']} | "
+                f"{r['max']:.1f} | {r['shim_cpu_ms']:.3f} | {fmt(r['pg_cpu_ms'])} | {r['load_cpu_ms']:.3f} | "
+                f"{r['statuses']} | "
                 f"{r['bad_answers']} | {r['check']} | {r['load']} |")
         med = median_of(results)
         lines.append(
             f"\n| **{scenario} median** | | **{med['rps']:.0f}** | **{med['p50']:.2f}** | {med['p90']:.2f} | "
-            f"**{med['p99']:.2f}** | | {med['shim_cpu_ms']:.3f} | {fmt(med['pg_cpu_ms'])} | | | | |")
+            f"**{med['p99']:.2f}** | | {med['shim_cpu_ms']:.3f} | {fmt(med['pg_cpu_ms'])} | "
+            f"{med['load_cpu_ms']:.3f} | | | | |")
     path = ROOT / "bench" / "RESULTS.md"
     if not path.exists():
         path.write_text("# Benchmark results\n\nAppended by the scripts in `bench/` (see each one's docstring).\n")
@@ -722,7 +729,7 @@ def fmt(value: float | None) -> str:
 
 def median_of(results: list[dict[str, Any]]) -> dict[str, Any]:
     med: dict[str, Any] = {key: statistics.median(r[key] for r in results)
-                           for key in ("rps", "p50", "p90", "p99", "shim_cpu_ms")}
+                           for key in ("rps", "p50", "p90", "p99", "shim_cpu_ms", "load_cpu_ms")}
     pg = [r["pg_cpu_ms"] for r in results if r.get("pg_cpu_ms") is not None]
     med["pg_cpu_ms"] = statistics.median(pg) if pg else None
     return med
@@ -773,6 +780,7 @@ def main() -> int:
                 print(f"{scenario:12} run {i + 1}: {r['rps']:7.0f} req/s  p50 {r['p50']:6.2f} ms  "
                       f"p90 {r['p90']:6.2f} ms  p99 {r['p99']:6.2f} ms  max {r['max']:7.1f} ms  "
                       f"shim CPU {r['shim_cpu_ms']:.3f} ms/req  PG CPU {fmt(r['pg_cpu_ms'])} ms/req  "
+                      f"load generator CPU {r['load_cpu_ms']:.3f} ms/req  "
                       f"statuses {r['statuses']}  bad {r['bad_answers']}  {r['check']}  load {r['load']}"
                       f"{'' if good else '  <-- NOT ALL OK'}", flush=True)
                 for sample in r["bad_samples"]:
@@ -787,7 +795,8 @@ def main() -> int:
         if scenario in INBOUND_SCENARIOS:  # issue 14 sets a rate only
             target = f" ({'meets' if med['rps'] >= TARGET_RPS else 'misses'} the goal ≥ {TARGET_RPS} req/s)"
         print(f"{scenario:12} median: {med['rps']:.0f} req/s, p50 {med['p50']:.2f} ms, p99 {med['p99']:.2f} ms, "
-              f"shim CPU {med['shim_cpu_ms']:.3f} ms/req, PG CPU {fmt(med['pg_cpu_ms'])} ms/req{target}")
+              f"shim CPU {med['shim_cpu_ms']:.3f} ms/req, PG CPU {fmt(med['pg_cpu_ms'])} ms/req, "
+              f"load generator CPU {med['load_cpu_ms']:.3f} ms/req{target}")
     if not args.no_record:
         record(command, args, db, runs)
     return 0 if ok else 1
