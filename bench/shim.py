@@ -58,9 +58,9 @@ routed to account ``default``, whose one active endpoint is subscribed to
 
 Every run gets a fresh database cloned from a migrated template and seeded
 for its scenario; the first ``--warmup`` requests are not timed.  CPU seconds
-of the shim process and of the whole PostgreSQL cluster (private cluster
-only) are sampled around the timed phase and reported per request: on a
-2-core box they show where the ceiling is.  Every answer is checked — its
+of the shim process, of the whole PostgreSQL cluster (private cluster
+only) and of the load generator are sampled around the timed phase and
+reported per request: on a 2-core box they show where the ceiling is.  Every answer is checked — its
 status and a part of its body that only the right answer has (the request's
 webhook id or phone number, the number of webhooks or deliveries listed) —
 and afterwards the database: every appointment confirmed exactly once, N
